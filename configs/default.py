@@ -1,0 +1,113 @@
+"""Every configuration field, with its meaning and the paper's value.
+
+Other configs import this one and override a few fields. The config is locked by
+`main.py`, so a mistyped `--config.x=...` is an error rather than a silent default.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the paper's GTA5 -> Cityscapes MetaPix-W1 setting (Table 1)."""
+    config = ml_collections.ConfigDict()
+
+    # What main.py does: 'train' (run the schedule), 'eval' (mIoU of a checkpoint),
+    # 'compare' (train and evaluate several methods side by side; the demo uses it).
+    config.mode = "train"
+    # 'metapix' (Algorithm 1), 'direct_joint' (joint training for as many segmenter steps
+    # as MetaPix takes) or 'target_only' (target images alone, same number of steps).
+    config.method = "metapix"
+    # The methods that 'compare' mode runs, each in WORKDIR/<method>.
+    config.compare_methods = ("target_only", "direct_joint", "metapix")
+    config.seed = 1234
+
+    # ---- data -------------------------------------------------------------------------
+    config.data = data = ml_collections.ConfigDict()
+    data.source_root = ""  # GTA5 layout: images/*.png and labels/*.png.
+    data.target_root = ""  # Cityscapes layout: leftImg8bit/ and gtFine/.
+    data.target_train_split = "train"
+    data.target_eval_split = "val"
+    data.height = 512  # Every image is resized to height x width (paper: 1024x512).
+    data.width = 1024
+    data.num_classes = 19
+    data.ignore_label = 255
+    data.source_batch = 1  # Global batch of source images per step (paper: 1).
+    data.target_batch = 1  # Global batch of target images per step (paper: 1).
+    data.eval_batch = 1
+    data.target_flip = True  # Random horizontal flip of target training images.
+    data.normalization = "imagenet"  # 'imagenet' (RGB, mean/std) or 'caffe' (BGR - mean).
+    data.num_threads = 4  # Decoding threads per input stream.
+    # The embedded synthetic benchmark: when true, it is generated (once, by seed) under
+    # synthetic_root and source_root/target_root point into it (see configs/demo.py).
+    data.synthetic = False
+    data.synthetic_root = ""  # Where the benchmark is written ('' = WORKDIR/benchmark).
+    data.synthetic_seed = 0  # Seed of the generated dataset (not of training).
+    data.synthetic_num_source = 2000
+    data.synthetic_num_target_train = 20
+    data.synthetic_num_target_val = 200
+    data.synthetic_gap = 1.0  # Strength of the visual domain gap (0 = same rendering).
+    data.synthetic_harm_rate = 0.7  # Chance that a confusable source region is mislabeled.
+
+    # ---- segmenter f_theta: FCN-8s on VGG-16 -----------------------------------------
+    config.model = model = ml_collections.ConfigDict()
+    model.width = 1.0  # Channel multiplier of every VGG/fc layer (1.0 = the real VGG-16).
+    model.fc_dim = 4096  # Channels of fc6 and fc7 (scaled by width).
+    model.fc6_kernel = 7  # fc6 kernel size (7 as in VGG-16).
+    model.fc6_padding = "VALID"  # 'VALID' as the authors; 'SAME' for tiny images.
+    model.split_block = 1  # The first k VGG blocks have a source and a target copy (0..5).
+    model.dropout = 0.5  # Channel dropout after fc6 and fc7.
+    model.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); params stay float32.
+
+    # ---- weighting network f_phi: U-Net ----------------------------------------------
+    config.weighting = weighting = ml_collections.ConfigDict()
+    weighting.kind = "w1"  # 'w1': one weight per pixel; 'w19': one per pixel and class.
+    weighting.base_channels = 64  # 64-128-256-256 as the authors' U-Net.
+    weighting.depth = 3  # Number of down-sampling steps.
+    weighting.init_bias = 1.0  # Output bias: initial weight sigmoid(1) = 0.73.
+    weighting.init_std = 0.01  # Conv kernels start at N(0, init_std^2).
+
+    # ---- schedule (Algorithm 1) --------------------------------------------------------
+    config.schedule = schedule = ml_collections.ConfigDict()
+    schedule.joint_steps = 150_000  # N1: joint pre-training steps.
+    schedule.meta_steps = 10_000  # N2: meta steps per generation.
+    schedule.weighted_steps = 15_000  # N3: weighted steps per generation.
+    schedule.generations = 3  # G.
+
+    # ---- segmenter optimiser ------------------------------------------------------------
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.learning_rate = 1e-4
+    optim.b1 = 0.9
+    optim.b2 = 0.999
+    optim.eps = 1e-8
+    optim.poly_power = 0.9  # lr * (1 - t/T)^power over all segmenter steps T.
+    optim.bias_lr_mult = 2.0  # Biases learn at twice the rate (authors' code).
+    optim.weight_decay = 1e-4  # Coupled L2 added to the gradient before Adam.
+    # A fresh Adam for every weighted phase, with its own lr decaying over that phase
+    # (authors' code); the paper continues one optimiser (default).
+    optim.fresh_weighted_optimizer = False
+    optim.weighted_learning_rate = 5e-5
+
+    # ---- meta-learning of the weighting network (Algorithm 2) ------------------------------
+    config.meta = meta = ml_collections.ConfigDict()
+    meta.inner_optimizer = "sgd"  # The differentiable inner step: 'sgd' (paper) or 'adam'.
+    meta.inner_learning_rate = 1e-4  # alpha of Algorithm 2.
+    meta.learning_rate = 1e-4  # beta: Adam on phi, no decay.
+    meta.b1 = 0.9
+    meta.b2 = 0.999
+    meta.eps = 1e-8
+    meta.weight_decay = 0.0  # Coupled L2 on phi (authors' code: 1e-4).
+    meta.reinit_per_generation = False  # Re-initialise phi each generation (authors' code).
+
+    # ---- losses -----------------------------------------------------------------------------
+    config.loss = loss = ml_collections.ConfigDict()
+    loss.source_normalization = "all"  # Weighted source loss / 'all' pixels or 'valid' ones.
+    loss.target_normalization = "valid"
+
+    # ---- logging, checkpoints, evaluation ------------------------------------------------
+    config.log_every = 100  # Steps between scalar summaries and progress lines.
+    config.image_every = 2000  # Steps between TensorBoard images (0 = never).
+    config.checkpoint_every = 2000  # Periodic checkpoints (phase ends are always kept).
+    config.keep_periodic = 2  # Periodic checkpoints kept besides the phase-end ones.
+    config.eval_at_phase_end = True  # mIoU on the target eval split after every phase.
+    config.eval_checkpoint = -1  # Eval mode: the schedule position to evaluate (-1 = latest).
+    return config

@@ -1,0 +1,35 @@
+"""Entry point: `python main.py --config=configs/gta5.py --workdir=DIR [--config.x=...]`.
+
+Parses flags and hands over to the library; modes: train, eval, compare.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and results go.")
+config_flags.DEFINE_config_file("config", None, "A config file in configs/.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+MODES = ("train", "eval", "compare")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Imported here so that --help is fast and flag errors come before JAX starts.
+    from metapix_jax import compare, train
+
+    config = FLAGS.config
+    if config.mode == "train":
+        train.train_and_evaluate(config, FLAGS.workdir)
+    elif config.mode == "eval":
+        train.evaluate_checkpoint(config, FLAGS.workdir)
+    elif config.mode == "compare":
+        compare.run_comparison(config, FLAGS.workdir)
+    else:
+        raise app.UsageError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+
+
+if __name__ == "__main__":
+    app.run(main)

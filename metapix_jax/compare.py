@@ -1,0 +1,148 @@
+"""Compare mode: several methods trained on the same data, and a table of their mIoU.
+
+On the embedded benchmark it also measures what MetaPix learned: how well its weights
+separate the source pixels known to be harmful (mislabeled) from the clean ones.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+
+from metapix_jax import checkpoints, parallel, schedule, train
+from metapix_jax import state as state_lib
+from metapix_jax.data import sources
+
+
+def auroc(negative_scores: np.ndarray, positive_scores: np.ndarray) -> float:
+    """P(positive score > negative score), ties counting half (Mann-Whitney U)."""
+    scores = np.concatenate([negative_scores, positive_scores])
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    # Average 1-based rank of each distinct value, so tied scores share their rank.
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2
+    ranks = mean_rank[inverse]
+    n_neg, n_pos = len(negative_scores), len(positive_scores)
+    if n_neg == 0 or n_pos == 0:
+        return float("nan")
+    u = ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_neg * n_pos))
+
+
+def harmful_mask_path(label_path: str) -> str:
+    """The benchmark keeps the mask of mislabeled pixels beside `labels/` in `harmful/`."""
+    root, name = os.path.split(label_path)
+    return os.path.join(os.path.dirname(root), "harmful", name)
+
+
+def weight_separation(
+    config: ml_collections.ConfigDict, workdir: str, num_images: int = 100
+) -> dict | None:
+    """AUROC and mean weights of harmful vs clean labeled source pixels, or None.
+
+    Uses the final weighting network of the run in `workdir` on the first `num_images`
+    source images (no flip). A high AUROC means low weights where the labels are wrong.
+    """
+    data = train.load_data(config, workdir)
+    pairs = data.source[:num_images]
+    if not pairs or not os.path.exists(harmful_mask_path(pairs[0][1])):
+        return None
+    mesh = parallel.make_mesh()
+    steps = parallel.make_steps(config, mesh)
+    manager = checkpoints.make_manager(workdir)
+    state = checkpoints.restore(manager, state_lib.init_state(config))
+    manager.close()
+    if state is None:
+        return None
+    state = parallel.put_replicated(state, mesh)
+    weights, harmful, valid = [], [], []
+    for i, batch in enumerate(train.eval_stream(config, pairs)):
+        rows = pairs[i * config.data.eval_batch : (i + 1) * config.data.eval_batch]
+        inputs = {"source_image": batch["image"], "source_label": batch["label"]}
+        w = np.asarray(jax.device_get(steps.weights(state, parallel.to_global(inputs, mesh))))
+        if w.ndim == 4:  # W19: the weight of each pixel's labeled class.
+            safe = np.clip(batch["label"], 0, w.shape[-1] - 1)
+            w = np.take_along_axis(w, safe[..., None], -1)[..., 0]
+        for j, (_, label_path) in enumerate(rows):
+            weights.append(w[j].ravel())
+            harmful.append(sources.read_mask(harmful_mask_path(label_path)).ravel())
+            valid.append(batch["label"][j].ravel() != config.data.ignore_label)
+    w, h, v = np.concatenate(weights), np.concatenate(harmful), np.concatenate(valid)
+    w, h = w[v], h[v]
+    return {
+        "auroc": auroc(-w[~h], -w[h]),  # Harmful pixels should get the lower weights.
+        "mean_weight_harmful": float(w[h].mean()) if h.any() else float("nan"),
+        "mean_weight_clean": float(w[~h].mean()),
+        "harmful_fraction": float(h.mean()),
+        "images": len(pairs),
+    }
+
+
+def reuse_pretraining(config: ml_collections.ConfigDict, source_dir: str, dest_dir: str) -> None:
+    """Starts MetaPix from direct joint's checkpoint at the end of the joint phase.
+
+    Both runs take the same first N1 steps (same seed, data, model, lr schedule), so the
+    copy is exactly the state MetaPix would reach itself; it saves N1 steps of compute.
+    """
+    position = config.schedule.joint_steps
+    source = os.path.join(checkpoints.checkpoint_dir(source_dir), str(position))
+    dest_root = checkpoints.checkpoint_dir(dest_dir)
+    if not os.path.isdir(source) or os.path.isdir(dest_root) and os.listdir(dest_root):
+        return
+    os.makedirs(dest_root, exist_ok=True)
+    shutil.copytree(source, os.path.join(dest_root, str(position)))
+    print(f"[metapix] starting from direct_joint's joint pre-training at position {position}")
+
+
+def method_config(config: ml_collections.ConfigDict, method: str, workdir: str):
+    """The config of one method of the comparison, sharing the benchmark's files."""
+    sub = ml_collections.ConfigDict(config.to_dict())
+    sub.method = method
+    sub.mode = "train"
+    sub.data.synthetic_root = train.benchmark_root(config, workdir)
+    return sub
+
+
+def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains each of config.compare_methods in WORKDIR/<method>; prints and saves a table."""
+    for method in config.compare_methods:
+        if method not in schedule.METHODS:
+            raise ValueError(f"compare_methods: unknown method {method!r}; use {schedule.METHODS}")
+    results = {}
+    for method in config.compare_methods:
+        sub = method_config(config, method, workdir)
+        method_dir = os.path.join(workdir, method)
+        if method == "metapix" and "direct_joint" in results:
+            reuse_pretraining(sub, os.path.join(workdir, "direct_joint"), method_dir)
+        results[method] = {"eval": train.train_and_evaluate(sub, method_dir)}
+        if method == "metapix":
+            results[method]["weights"] = weight_separation(sub, method_dir)
+    table = format_table(results)
+    print(table, flush=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "compare.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        with open(os.path.join(workdir, "compare.md"), "w") as f:
+            f.write(table + "\n")
+    return results
+
+
+def format_table(results: dict) -> str:
+    """A markdown table: mIoU of each method, and MetaPix's weight separation."""
+    lines = ["| method | target val mIoU | segmenter steps |", "| --- | --- | --- |"]
+    for method, r in results.items():
+        e = r["eval"]
+        lines.append(f"| {method} | {100 * e['miou']:.2f} | {e['segmenter_steps']} |")
+    for method, r in results.items():
+        w = r.get("weights")
+        if w:
+            lines.append("")
+            lines.append(
+                f"{method} weights on {w['images']} source images: AUROC {w['auroc']:.3f} "
+                f"(harmful vs clean pixels), mean weight {w['mean_weight_harmful']:.3f} on "
+                f"harmful ({100 * w['harmful_fraction']:.1f}% of pixels) vs "
+                f"{w['mean_weight_clean']:.3f} on clean"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Data: label maps, dataset layouts, input pipelines and the synthetic benchmark."""

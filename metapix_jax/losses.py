@@ -1,0 +1,59 @@
+"""Per-pixel losses: cross-entropy with an ignore label and optional pixel weights.
+
+The paper's weighted source loss (Eq. 1, 8) is sum_hw W_hw * CE_hw / (H W): ignored
+pixels count as zero in the sum and as pixels in the divisor ('all'). The target loss
+divides by the number of labeled pixels ('valid'), as the authors' code does.
+"""
+
+import jax
+import jax.numpy as jnp
+
+NORMALIZATIONS = ("all", "valid")
+
+
+def pixel_cross_entropy(
+    logits: jnp.ndarray, labels: jnp.ndarray, ignore_label: int
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Returns per-pixel cross-entropy [B, H, W] (0 where ignored) and the valid mask."""
+    valid = labels != ignore_label
+    safe = jnp.where(valid, labels, 0)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, ce, 0.0), valid
+
+
+def labeled_class_weight(weights: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    """W19 -> per-pixel weight: the weight of each pixel's labeled class.
+
+    W1 weights ([B, H, W]) pass through unchanged. Ignored pixels get an arbitrary
+    class's weight; their cross-entropy is zero anyway.
+    """
+    if weights.ndim == labels.ndim:
+        return weights
+    safe = jnp.clip(labels, 0, weights.shape[-1] - 1)
+    return jnp.take_along_axis(weights, safe[..., None], axis=-1)[..., 0]
+
+
+def normalize(total: jnp.ndarray, valid: jnp.ndarray, normalization: str) -> jnp.ndarray:
+    """Divides a summed loss by all pixels ('all') or by the labeled ones ('valid')."""
+    if normalization == "all":
+        return total / valid.size
+    if normalization == "valid":
+        return total / jnp.maximum(valid.sum(), 1)
+    raise ValueError(f"loss normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+
+def segmentation_loss(
+    logits: jnp.ndarray,
+    labels: jnp.ndarray,
+    *,
+    ignore_label: int,
+    normalization: str = "valid",
+    weights: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """Mean (optionally pixel-weighted) cross-entropy over a batch; a scalar."""
+    ce, valid = pixel_cross_entropy(logits, labels, ignore_label)
+    if weights is not None:
+        ce = ce * labeled_class_weight(weights, labels)
+    return normalize(ce.sum(), valid, normalization)

@@ -1,0 +1,167 @@
+"""The training state pytree, the two networks and their optimisers.
+
+One state holds both networks so that every step is `(state, batch) -> (state, metrics)`
+and one checkpoint restores everything: a step changes only the part it trains.
+"""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from metapix_jax.models.fcn8s import FCN8s
+from metapix_jax.models.unet import WeightingUNet
+
+PyTree = Any
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly where it stopped."""
+
+    params: PyTree  # Segmenter f_theta.
+    opt_state: PyTree
+    unet_params: PyTree  # Weighting network f_phi.
+    unet_opt_state: PyTree
+    rng: jax.Array  # Base key (raw uint32); each step folds in its position.
+    step: jax.Array  # Segmenter optimiser steps taken: drives the lr schedule.
+    position: jax.Array  # Steps of any kind taken: the position in the schedule.
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    """The activation dtype named by config.model.dtype."""
+    if config.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {config.model.dtype!r}")
+    return DTYPES[config.model.dtype]
+
+
+def make_segmenter(config: ml_collections.ConfigDict) -> FCN8s:
+    """FCN-8s as configured by config.model."""
+    m = config.model
+    return FCN8s(
+        num_classes=config.data.num_classes,
+        width=m.width,
+        fc_dim=m.fc_dim,
+        fc6_kernel=m.fc6_kernel,
+        fc6_padding=m.fc6_padding,
+        split_block=m.split_block,
+        dropout=m.dropout,
+        dtype=compute_dtype(config),
+    )
+
+
+def make_weighting_net(config: ml_collections.ConfigDict) -> WeightingUNet:
+    """The U-Net as configured by config.weighting."""
+    w = config.weighting
+    return WeightingUNet(
+        num_classes=config.data.num_classes,
+        ignore_label=config.data.ignore_label,
+        kind=w.kind,
+        base_channels=w.base_channels,
+        depth=w.depth,
+        init_bias=w.init_bias,
+        init_std=w.init_std,
+        dtype=compute_dtype(config),
+    )
+
+
+def total_segmenter_steps(config: ml_collections.ConfigDict) -> int:
+    """Segmenter steps of the schedule, N1 + G * N3: the horizon of the lr decay."""
+    s = config.schedule
+    return s.joint_steps + s.generations * s.weighted_steps
+
+
+def _is_bias(params: PyTree) -> PyTree:
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "bias", params)
+
+
+def segmenter_optimizer(
+    config: ml_collections.ConfigDict, learning_rate: float, decay_steps: int
+) -> optax.GradientTransformation:
+    """Adam with coupled L2, a 2x bias lr and polynomial decay (paper 4.3, authors' code).
+
+    The weight decay is added to the gradient before Adam (PyTorch Adam's weight_decay),
+    which is not AdamW's decoupled decay.
+    """
+    o = config.optim
+    schedule = optax.polynomial_schedule(learning_rate, 0.0, o.poly_power, max(decay_steps, 1))
+    return optax.chain(
+        optax.add_decayed_weights(o.weight_decay),
+        optax.scale_by_adam(o.b1, o.b2, o.eps),
+        optax.masked(optax.scale(o.bias_lr_mult), _is_bias),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+def weighted_phase_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The fresh optimiser of a weighted phase (optim.fresh_weighted_optimizer)."""
+    o = config.optim
+    return segmenter_optimizer(config, o.weighted_learning_rate, config.schedule.weighted_steps)
+
+
+def main_segmenter_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The optimiser that runs over the whole schedule."""
+    return segmenter_optimizer(config, config.optim.learning_rate, total_segmenter_steps(config))
+
+
+def weighting_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam on phi with a constant lr (and optional coupled L2)."""
+    m = config.meta
+    return optax.chain(
+        optax.add_decayed_weights(m.weight_decay),
+        optax.scale_by_adam(m.b1, m.b2, m.eps),
+        optax.scale_by_learning_rate(m.learning_rate),
+    )
+
+
+def inner_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The differentiable inner step of Algorithm 2 (line 6)."""
+    m = config.meta
+    if m.inner_optimizer == "sgd":
+        return optax.sgd(m.inner_learning_rate)
+    if m.inner_optimizer == "adam":
+        # eps_root keeps the square root differentiable where a gradient is zero.
+        return optax.adam(m.inner_learning_rate, eps_root=1e-16)
+    raise ValueError(f"meta.inner_optimizer must be 'sgd' or 'adam', got {m.inner_optimizer!r}")
+
+
+def _dummy_inputs(config: ml_collections.ConfigDict) -> tuple[jnp.ndarray, jnp.ndarray]:
+    d = config.data
+    return jnp.zeros((1, d.height, d.width, 3)), jnp.zeros((1, d.height, d.width), jnp.int32)
+
+
+def init_segmenter_params(config: ml_collections.ConfigDict, key: jax.Array) -> PyTree:
+    """Random segmenter params, both copies of the split blocks included."""
+    image, _ = _dummy_inputs(config)
+    return make_segmenter(config).init(key, image, image)["params"]
+
+
+def init_weighting_params(config: ml_collections.ConfigDict, key: jax.Array) -> PyTree:
+    """Fresh U-Net params (Algorithm 1, line 4)."""
+    image, label = _dummy_inputs(config)
+    return make_weighting_net(config).init(key, image, label)["params"]
+
+
+def unet_key(rng: jax.Array, generation: int) -> jax.Array:
+    """The key a generation's fresh U-Net is drawn from (same on resume)."""
+    return jax.random.fold_in(jax.random.fold_in(rng, 1), generation)
+
+
+def init_state(config: ml_collections.ConfigDict) -> TrainState:
+    """The state at position 0 of the schedule."""
+    rng = jax.random.PRNGKey(config.seed)
+    params = init_segmenter_params(config, jax.random.fold_in(rng, 0))
+    unet_params = init_weighting_params(config, unet_key(rng, 0))
+    return TrainState(
+        params=params,
+        opt_state=main_segmenter_optimizer(config).init(params),
+        unet_params=unet_params,
+        unet_opt_state=weighting_optimizer(config).init(unet_params),
+        rng=jax.random.fold_in(rng, 2),
+        step=jnp.zeros((), jnp.int32),
+        position=jnp.zeros((), jnp.int32),
+    )
