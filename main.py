@@ -3,8 +3,13 @@
 Parses flags and hands over to the library; modes: train, eval, compare.
 """
 
-from absl import app, flags
+import os
+
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+# TensorFlow (imported by clu's writers) prints start-up noise unless told not to.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and results go.")
@@ -17,6 +22,8 @@ MODES = ("train", "eval", "compare")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS["verbosity"].using_default_value:
+        logging.set_verbosity(logging.WARNING)  # Progress lines are printed; -v 0 for INFO logs.
     # Imported here so that --help is fast and flag errors come before JAX starts.
     from metapix_jax import compare, train
 

@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.synthetic_num_target_val = 200
     data.synthetic_gap = 1.0  # Strength of the visual domain gap (0 = same rendering).
     data.synthetic_harm_rate = 0.7  # Chance that a confusable source region is mislabeled.
+    # The source label convention: true class > class written, comma-separated.
+    data.synthetic_confusions = "sidewalk>road,terrain>vegetation,car>truck,bus>train"
 
     # ---- segmenter f_theta: FCN-8s on VGG-16 -----------------------------------------
     config.model = model = ml_collections.ConfigDict()

@@ -17,6 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.mode = "compare"
     config.seed = 0
     config.data.synthetic = True
+    # One knob: --config.seed=N changes both the training seed and the generated dataset.
+    config.data.synthetic_seed = config.get_ref("seed")
     config.data.height = 64
     config.data.width = 128
     config.data.source_batch = 4
@@ -28,13 +30,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.fc6_kernel = 3
     config.model.fc6_padding = "SAME"
     config.model.dropout = 0.1
+    # No split here. With a split first block (the paper's k=1) the source copy absorbs the
+    # source's label convention, so the mislabeled pixels barely move the shared layers and
+    # the meta-gradient cannot see them: averaged over 10 target batches, the per-pixel
+    # signal dL_t/dW separated harmful from clean pixels with AUROC 0.56 at k=1 and 0.88
+    # at k=0 (README, "How the benchmark was designed").
+    config.model.split_block = 0
     config.weighting.base_channels = 8
     config.optim.learning_rate = 1e-3
     config.meta.inner_learning_rate = 1e-3
-    config.meta.learning_rate = 1e-3
+    config.meta.learning_rate = 2e-3
     config.meta.reinit_per_generation = True
     config.schedule.joint_steps = 600
-    config.schedule.meta_steps = 100
+    config.schedule.meta_steps = 200
     config.schedule.weighted_steps = 200
     config.schedule.generations = 2
     config.log_every = 50

@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.synthetic_num_target_train = 4
     config.data.synthetic_num_target_val = 6
     config.model.width = 1 / 16
+    config.model.split_block = 1  # The paper's split, so the tests cover both copies.
     config.model.fc_dim = 256
     config.weighting.base_channels = 4
     config.schedule.joint_steps = 3

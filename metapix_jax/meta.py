@@ -20,23 +20,21 @@ from metapix_jax.state import TrainState
 from metapix_jax.steps import Batch, Metrics, source_weights, step_key, weight_statistics
 
 
-def target_loss_after_inner_step(
-    unet_params: Any,
+def target_loss_given_weights(
+    weights: jnp.ndarray,
     seg_params: Any,
     batch: Batch,
     key: jax.Array,
     *,
     model: FCN8s,
-    unet: WeightingUNet,
     inner_tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
-) -> tuple[jnp.ndarray, Metrics]:
-    """Loss^t(phi): the target loss after one weighted source step from theta."""
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Lines 4-7 of Algorithm 2 for given pixel weights W: (L_t(theta+(W)), L_s(theta, W))."""
     d = config.data
     source_key, target_key = jax.random.split(key)
-    weights = source_weights(unet, unet_params, batch)  # line 3: W(phi)
 
-    def weighted_source_loss(params: Any) -> jnp.ndarray:  # line 4: L_s(theta, phi)
+    def weighted_source_loss(params: Any) -> jnp.ndarray:  # line 4: L_s(theta, W)
         logits, _ = model.apply(
             {"params": params}, batch["source_image"], None, train=True,
             rngs={"dropout": source_key},
@@ -49,22 +47,41 @@ def target_loss_after_inner_step(
             weights=weights,
         )
 
-    source_loss, grads = jax.value_and_grad(weighted_source_loss)(seg_params)  # line 5: g(phi)
+    source_loss, grads = jax.value_and_grad(weighted_source_loss)(seg_params)  # line 5: g
     updates, _ = inner_tx.update(grads, inner_tx.init(seg_params), seg_params)
-    stepped_params = optax.apply_updates(seg_params, updates)  # line 6: theta+(phi)
+    stepped_params = optax.apply_updates(seg_params, updates)  # line 6: theta+
     _, logits_t = model.apply(
         {"params": stepped_params}, None, batch["target_image"], train=True,
         rngs={"dropout": target_key},
     )  # fmt: skip
-    target_loss = losses.segmentation_loss(  # line 7: L_t(theta+(phi))
+    target_loss = losses.segmentation_loss(  # line 7: L_t(theta+)
         logits_t,
         batch["target_label"],
         ignore_label=d.ignore_label,
         normalization=config.loss.target_normalization,
     )
+    return target_loss, source_loss
+
+
+def target_loss_after_inner_step(
+    unet_params: Any,
+    seg_params: Any,
+    batch: Batch,
+    key: jax.Array,
+    *,
+    model: FCN8s,
+    unet: WeightingUNet,
+    inner_tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+) -> tuple[jnp.ndarray, Metrics]:
+    """Loss^t(phi) of Eq. 4: the target loss after one weighted source step from theta."""
+    weights = source_weights(unet, unet_params, batch)  # line 3: W(phi)
+    target_loss, source_loss = target_loss_given_weights(
+        weights, seg_params, batch, key, model=model, inner_tx=inner_tx, config=config
+    )
     metrics = {
         "meta_source_loss": source_loss,
-        **weight_statistics(weights, batch["source_label"], d.ignore_label),
+        **weight_statistics(weights, batch["source_label"], config.data.ignore_label),
     }
     return target_loss, metrics
 
@@ -99,7 +116,7 @@ def meta_step(
     )
     metrics = {
         "meta_target_loss": target_loss,
-        "meta_grad_norm": optax.global_norm(meta_grads),
+        "meta_grad_norm": optax.tree.norm(meta_grads),
         **metrics,
     }
     return new_state, metrics

@@ -113,7 +113,7 @@ def segmenter_step(
     )
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         **metrics,
         **extra,
     }

@@ -52,6 +52,7 @@ def prepare_synthetic(config: ml_collections.ConfigDict, workdir: str) -> str:
             num_target_val=d.synthetic_num_target_val,
             gap=d.synthetic_gap,
             harm_rate=d.synthetic_harm_rate,
+            confusions=synthetic.parse_confusions(d.synthetic_confusions),
         )
     return root
 
