@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.learning_rate = 1e-3
     config.meta.inner_learning_rate = 1e-3
     config.meta.learning_rate = 2e-3
-    config.meta.reinit_per_generation = True
+    config.meta.reinit_per_generation = True  # A fresh U-Net per generation (REFERENCE 10).
     config.schedule.joint_steps = 600
     config.schedule.meta_steps = 200
     config.schedule.weighted_steps = 200

@@ -11,6 +11,7 @@ import shutil
 import jax
 import ml_collections
 import numpy as np
+from clu import metric_writers
 
 from metapix_jax import checkpoints, parallel, schedule, train
 from metapix_jax import state as state_lib
@@ -80,6 +81,16 @@ def weight_separation(
     }
 
 
+def write_separation(separation: dict, workdir: str, position: int) -> None:
+    """The weight separation as TensorBoard scalars beside the run's other summaries."""
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=False
+    )
+    keys = ("auroc", "mean_weight_harmful", "mean_weight_clean")
+    writer.write_scalars(position, {f"weights/{k}": separation[k] for k in keys})
+    writer.close()
+
+
 def reuse_pretraining(config: ml_collections.ConfigDict, source_dir: str, dest_dir: str) -> None:
     """Starts MetaPix from direct joint's checkpoint at the end of the joint phase.
 
@@ -118,7 +129,9 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict:
             reuse_pretraining(sub, os.path.join(workdir, "direct_joint"), method_dir)
         results[method] = {"eval": train.train_and_evaluate(sub, method_dir)}
         if method == "metapix":
-            results[method]["weights"] = weight_separation(sub, method_dir)
+            results[method]["weights"] = separation = weight_separation(sub, method_dir)
+            if separation:
+                write_separation(separation, method_dir, results[method]["eval"]["position"])
     table = format_table(results)
     print(table, flush=True)
     if jax.process_index() == 0:

@@ -258,3 +258,22 @@ def test_all_classes_occur() -> None:
         classes, _ = synthetic.render_scene(np.random.default_rng(i), 64, 128)
         seen[np.unique(classes)] = True
     assert seen[: labels.NUM_CLASSES].all()
+
+
+def test_random_relabeling_and_confusion_parsing() -> None:
+    rng = np.random.default_rng(0)
+    classes, instances = synthetic.render_scene(rng, 64, 128)
+    every = synthetic.corrupt_labels(classes, instances, rng, {"*": "*"}, 1.0)
+    labeled = classes != 255
+    # Every labeled pixel gets another class, the same one across its whole instance.
+    assert np.all(every[labeled] != classes[labeled]) and np.all(every[labeled] < 19)
+    assert np.all(every[~labeled] == 255)
+    for i in np.unique(instances[labeled]):
+        assert len(np.unique(every[instances == i])) == 1
+    only_cars = synthetic.corrupt_labels(classes, instances, rng, {"car": "*"}, 1.0)
+    changed = only_cars != classes
+    assert np.all(classes[changed] == 13)
+    assert synthetic.parse_confusions("sidewalk>road, car>*") == {"sidewalk": "road", "car": "*"}
+    assert synthetic.parse_confusions("") == {}
+    with pytest.raises(ValueError, match="confusions"):
+        synthetic.parse_confusions("sidewalk-road")

@@ -60,6 +60,7 @@ def parse_confusions(text: str) -> dict[str, str]:
 def format_confusions(confusions: Mapping[str, str]) -> str:
     return ",".join(f"{a}>{b}" for a, b in confusions.items())
 
+
 _C = {name: i for i, name in enumerate(L.CLASS_NAMES)}
 _SPLITS = {"source": 0, "train": 1, "val": 2}
 _MARKER = ".metapix_synthetic"
@@ -434,13 +435,31 @@ def render_image(
 
 
 def _confusion_table(confusions: Mapping[str, str]) -> np.ndarray:
-    """uint8 table over train ids (and 255): true class -> class written in source labels."""
+    """uint8 table over train ids (and 255): true class -> class written in source labels.
+
+    Entries whose target is '*' (a random other class) are validated but left as identity;
+    `_random_sources` marks them.
+    """
     table = np.arange(256, dtype=np.uint8)
     for src, dst in confusions.items():
-        if src not in _C or dst not in _C:
+        if (src != "*" and src not in _C) or (dst != "*" and dst not in _C):
             raise ValueError(f"unknown class in confusion {src!r} -> {dst!r}; use {L.CLASS_NAMES}")
-        table[_C[src]] = _C[dst]
+        if src == "*" and dst != "*":
+            raise ValueError(f"confusion {src!r} -> {dst!r}: '*' as a source needs '*' as target")
+        if dst != "*":
+            table[_C[src]] = _C[dst]
     return table
+
+
+def _random_sources(confusions: Mapping[str, str]) -> np.ndarray:
+    """bool[256]: classes whose mislabeled instances get a random other class ('x>*', '*>*')."""
+    marked = np.zeros(256, bool)
+    for src, dst in confusions.items():
+        if dst == "*":
+            marked[: L.NUM_CLASSES] |= src == "*"
+            if src != "*":
+                marked[_C[src]] = True
+    return marked
 
 
 def corrupt_labels(
@@ -452,12 +471,19 @@ def corrupt_labels(
 ) -> np.ndarray:
     """Source labels: each object/region of a confused class is relabeled with prob. harm_rate.
 
-    Whole instances flip, as a different labelling convention would do. The harmful mask is
-    `labels != classes`.
+    Whole instances flip, as a different labelling convention would do ('a>b'), or take a
+    random other class ('a>*', or '*>*' for every class): region-level label noise. The
+    harmful mask is `labels != classes`.
     """
     table = _confusion_table(confusions)
     flip = rng.random(int(instances.max()) + 1) < harm_rate
-    return np.where(flip[instances], table[classes], classes)
+    labels = np.where(flip[instances], table[classes], classes)
+    randomized = _random_sources(confusions)
+    if randomized.any():
+        offset = rng.integers(1, L.NUM_CLASSES, int(instances.max()) + 1)
+        other = (classes.astype(np.int64) + offset[instances]) % L.NUM_CLASSES
+        labels = np.where(flip[instances] & randomized[classes], other, labels)
+    return labels.astype(classes.dtype)
 
 
 # ----------------------------------------------------------------------------- writing
