@@ -4,6 +4,7 @@ Parses flags and hands over to the library; modes: train, eval, compare.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -19,10 +20,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 MODES = ("train", "eval", "compare")
 
 
+def verbosity_given(argv: list[str]) -> bool:
+    """Whether the user chose a log verbosity (absl marks it as set even when not)."""
+    return any(a.split("=")[0] in ("-v", "--v", "--verbosity", "-verbosity") for a in argv)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS["verbosity"].using_default_value:
+    if not verbosity_given(sys.argv):
         logging.set_verbosity(logging.WARNING)  # Progress lines are printed; -v 0 for INFO logs.
     # Imported here so that --help is fast and flag errors come before JAX starts.
     from metapix_jax import compare, train

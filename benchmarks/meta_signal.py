@@ -87,11 +87,15 @@ def report(signal: np.ndarray, label: np.ndarray, pairs, ignore_label: int) -> N
     h, c = harmful & valid, ~harmful & valid
     print(f"mean dL_t/dW: harmful {signal[h].mean():+.3e}, clean {signal[c].mean():+.3e}")
     print(f"AUROC of the signal (harmful above clean): {compare.auroc(signal[c], signal[h]):.3f}")
+
+    def mean(mask: np.ndarray) -> str:
+        return f"{signal[mask].mean():+.3e}" if mask.any() else "(none)"
+
     for k in np.unique(label[h]):
         name = labels.CLASS_NAMES[k]
         print(
-            f"  written label {name:12s} harmful {signal[h & (label == k)].mean():+.3e}  "
-            f"clean {signal[c & (label == k)].mean():+.3e}"
+            f"  written label {name:12s} harmful {mean(h & (label == k))}  "
+            f"clean {mean(c & (label == k))}"
         )
 
 
