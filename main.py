@@ -6,11 +6,13 @@ Parses flags and hands over to the library; modes: train, eval, compare.
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-# TensorFlow (imported by clu's writers) prints start-up noise unless told not to.
+# TensorFlow (imported by clu's writers) prints start-up noise unless told not to; this
+# must come before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and results go.")
