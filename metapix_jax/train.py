@@ -6,6 +6,7 @@ runs whatever is left of the schedule.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -186,8 +187,12 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def metrics_collection(names) -> type[metrics.Collection]:
-    """A clu Collection that averages each named scalar over a logging interval."""
+@functools.lru_cache
+def metrics_collection(names: tuple[str, ...]) -> type[metrics.Collection]:
+    """A clu Collection that averages each named scalar over a logging interval.
+
+    Cached: the class is built once per set of names, not at every step.
+    """
     return metrics.Collection.create(**{name: metrics.Average.from_output(name) for name in names})
 
 
@@ -295,7 +300,8 @@ def run_phase(
         if position == first:
             jax.block_until_ready(state.position)
             progress.restart(new_position)  # Do not count the compilation.
-        merged = metrics_collection(step_metrics).single_from_model_output(**step_metrics)
+        merged = metrics_collection(tuple(sorted(step_metrics)))
+        merged = merged.single_from_model_output(**step_metrics)
         collection = merged if collection is None else collection.merge(merged)
         if new_position % config.log_every == 0 or new_position == phase.end:
             summary = {k: float(v) for k, v in collection.compute().items()}
