@@ -42,11 +42,9 @@ DEFAULT_CONFUSIONS: dict[str, str] = {
 }
 """Source label convention: true class -> class written in the source labels.
 
-Chosen so that the harm is real for the target task: these classes are common enough in
-the target val split for a wrong convention to cost IoU, and rare enough in the small
-target train split that target supervision alone cannot undo it. (Rider -> person or
-wall -> building barely moved the target mIoU: a wrong label that does not hurt the
-target is not harmful, and MetaPix rightly leaves it alone.)"""
+Chosen among the large or frequent classes, so that a wrong convention costs target IoU
+that the 20 target training images cannot win back (README, "What we learned designing
+it"). The runs' default comes from config.data.synthetic_confusions; keep them equal."""
 
 
 def parse_confusions(text: str) -> dict[str, str]:
@@ -55,10 +53,6 @@ def parse_confusions(text: str) -> dict[str, str]:
     if any(len(p) != 2 for p in pairs):
         raise ValueError(f"confusions must look like 'sidewalk>road,car>truck', got {text!r}")
     return {a.strip(): b.strip() for a, b in pairs}
-
-
-def format_confusions(confusions: Mapping[str, str]) -> str:
-    return ",".join(f"{a}>{b}" for a, b in confusions.items())
 
 
 _C = {name: i for i, name in enumerate(L.CLASS_NAMES)}
