@@ -1,6 +1,8 @@
 """Entry point: `python main.py --config=configs/gta5.py --workdir=DIR [--config.x=...]`.
 
-Parses flags and hands over to the library; modes: train, eval, compare.
+Parses flags, validates the config (before anything is compiled) and hands over to the
+library; modes: train, eval, compare. Expected failures (a bad config value, bad data, a
+non-finite loss, an interruption) end with one line on stderr, not a traceback.
 """
 
 import os
@@ -19,8 +21,6 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and re
 config_flags.DEFINE_config_file("config", None, "A config file in configs/.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
-MODES = ("train", "eval", "compare")
-
 
 def verbosity_given(argv: list[str]) -> bool:
     """Whether the user chose a log verbosity (absl marks it as set even when not)."""
@@ -33,17 +33,34 @@ def main(argv: list[str]) -> None:
     if not verbosity_given(sys.argv):
         logging.set_verbosity(logging.WARNING)  # Progress lines are printed; -v 0 for INFO logs.
     # Imported here so that --help is fast and flag errors come before JAX starts.
+    from metapix_jax import train, validation
+    from metapix_jax.data import sources
+
+    try:
+        validation.validate(FLAGS.config, FLAGS.workdir)
+        run(FLAGS.config, FLAGS.workdir)
+    except (validation.ConfigError, sources.DataError, train.NonFiniteError) as e:
+        fail(f"{type(e).__name__}: {e}", 1)
+    except train.Interrupted as e:
+        fail(str(e), e.exit_code)
+
+
+def run(config, workdir: str) -> None:
+    """Dispatches on config.mode (already validated)."""
     from metapix_jax import compare, train
 
-    config = FLAGS.config
     if config.mode == "train":
-        train.train_and_evaluate(config, FLAGS.workdir)
+        train.train_and_evaluate(config, workdir)
     elif config.mode == "eval":
-        train.evaluate_checkpoint(config, FLAGS.workdir)
+        train.evaluate_checkpoint(config, workdir)
     elif config.mode == "compare":
-        compare.run_comparison(config, FLAGS.workdir)
-    else:
-        raise app.UsageError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+        compare.run_comparison(config, workdir)
+
+
+def fail(message: str, exit_code: int) -> None:
+    """Ends with the message on stderr (one line per problem) and a non-zero status."""
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

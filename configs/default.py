@@ -112,4 +112,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_periodic = 2  # Periodic checkpoints kept besides the phase-end ones.
     config.eval_at_phase_end = True  # mIoU on the target eval split after every phase.
     config.eval_checkpoint = -1  # Eval mode: the schedule position to evaluate (-1 = latest).
+
+    # ---- faults ------------------------------------------------------------------------------
+    # A step whose loss or gradient is not finite: 'stop' (error; the last checkpoint is kept)
+    # or 'skip' (the state stays as it was, the step is counted in the `nonfinite` metric).
+    config.nonfinite = "stop"
+    # Continue a workdir whose config.json differs in a field that changes training.
+    config.allow_config_change = False
     return config

@@ -3,25 +3,55 @@
 Checkpoints are numbered by the schedule position (steps of any kind taken), so the
 latest one says exactly where to resume: which phase, which step inside it, and (since
 the input streams are functions of the position) which batch comes next.
+
+A save is atomic: Orbax writes `<position>.orbax-checkpoint-tmp...` and renames it when
+complete, so a crash mid-save leaves the earlier checkpoints as they were; the training
+manager removes such leftovers when it starts. A finished checkpoint that still cannot be
+read (e.g. a damaged disk) is moved to `unreadable_checkpoints/` and the one before it
+is used.
 """
 
 import os
+import re
+import shutil
+import signal
 from collections.abc import Sequence
 
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 from metapix_jax.state import TrainState
+
+# Test-only fault hook: 'save:P' kills this process (SIGKILL) in the middle of the save of
+# position P, after the data is written and before the atomic rename. Never set it in use.
+KILL_ENV = "METAPIX_TEST_KILL_AT"
+FINISHED = re.compile(r"^\d+$")  # A finished checkpoint folder; temporary ones have suffixes.
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def finished_positions(workdir: str) -> list[int]:
+    """Positions with a finished (renamed) checkpoint folder, read without Orbax."""
+    folder = checkpoint_dir(workdir)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(n) for n in os.listdir(folder) if FINISHED.match(n))
+
+
 def make_manager(
-    workdir: str, keep_positions: Sequence[int] = (), keep_periodic: int = 2
+    workdir: str,
+    keep_positions: Sequence[int] = (),
+    keep_periodic: int = 2,
+    cleanup: bool = False,
 ) -> ocp.CheckpointManager:
-    """A manager that keeps every position in `keep_positions` and the latest few others."""
+    """A manager that keeps every position in `keep_positions` and the latest few others.
+
+    `cleanup` removes temporary folders of interrupted saves: only for the run that owns
+    the workdir (training), never for a reader that may run beside it.
+    """
     policy = checkpoint_managers.AnyPreservationPolicy(
         [
             checkpoint_managers.LatestN(max(keep_periodic, 1)),
@@ -29,9 +59,23 @@ def make_manager(
         ]
     )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=False
+        preservation_policy=policy,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=cleanup,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def _kill_during_save_if_asked(position: int) -> None:
+    """The test-only fault hook (KILL_ENV='save:P'): die just before the rename."""
+    if os.environ.get(KILL_ENV) != f"save:{position}":
+        return
+    from orbax.checkpoint._src.path import atomicity
+
+    async def die(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = die
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
@@ -39,6 +83,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
     position = int(state.position)
     if manager.latest_step() == position:
         return
+    _kill_during_save_if_asked(position)
     manager.save(position, args=ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()
 
@@ -57,3 +102,32 @@ def restore(
             f"{manager.directory}; there are {sorted(manager.all_steps())}"
         )
     return manager.restore(position, args=ocp.args.StandardRestore(template))
+
+
+def set_aside(manager: ocp.CheckpointManager, position: int) -> str:
+    """Moves an unreadable checkpoint out of the manager's way (kept for inspection)."""
+    folder = os.path.join(os.path.dirname(str(manager.directory)), "unreadable_checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    dest = os.path.join(folder, str(position))
+    if os.path.exists(dest):
+        shutil.rmtree(dest)
+    shutil.move(os.path.join(str(manager.directory), str(position)), dest)
+    manager.reload()
+    return dest
+
+
+def restore_latest_readable(
+    manager: ocp.CheckpointManager, template: TrainState
+) -> TrainState | None:
+    """The newest checkpoint that restores; unreadable newer ones are set aside."""
+    while (position := manager.latest_step()) is not None:
+        try:
+            return restore(manager, template, position)
+        except Exception as e:  # noqa: BLE001 - any failure to read means: use the one before.
+            dest = set_aside(manager, position)
+            message = (
+                f"checkpoint {position} is unreadable ({type(e).__name__}: {e}); moved to {dest}"
+            )
+            logging.warning(message)
+            print(f"warning: {message}", flush=True)
+    return None

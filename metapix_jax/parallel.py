@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metapix_jax import meta
+from metapix_jax import meta, nonfinite
 from metapix_jax import state as state_lib
 from metapix_jax import steps as steps_lib
 
@@ -68,6 +68,7 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> steps_lib.Steps
     rep, split = replicated(mesh), batch_sharded(mesh)
 
     def train_jit(fn):
+        fn = nonfinite.guard(fn, skip=config.nonfinite == "skip")  # Flags (or skips) NaN steps.
         return jax.jit(fn, in_shardings=(rep, split), out_shardings=(rep, rep), donate_argnums=0)
 
     def eval_jit(fn):

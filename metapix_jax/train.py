@@ -9,6 +9,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -18,7 +20,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, metrics
 
-from metapix_jax import checkpoints, evaluate, parallel, schedule
+from metapix_jax import checkpoints, evaluate, nonfinite, parallel, schedule, validation
 from metapix_jax import state as state_lib
 from metapix_jax.data import labels, pipeline, sources, synthetic
 from metapix_jax.state import TrainState
@@ -196,14 +198,101 @@ def metrics_collection(names: tuple[str, ...]) -> type[metrics.Collection]:
     return metrics.Collection.create(**{name: metrics.Average.from_output(name) for name in names})
 
 
-def check_finite(values: dict[str, float], phase: schedule.Phase, position: int) -> None:
-    """Stops the run on a non-finite loss: the last checkpoint stays the good one."""
-    bad = {k: v for k, v in values.items() if not np.isfinite(v)}
-    if bad:
-        raise FloatingPointError(
-            f"non-finite {bad} at position {position} (phase {phase.name}); "
-            "the last checkpoint was saved before this interval and is intact"
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradient was not finite (config.nonfinite='stop')."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT: the state was saved at a step boundary; rerun to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # The shell's convention for "ended by a signal".
+
+
+class InterruptFlag:
+    """SIGTERM/SIGINT set a flag that the loop reads at step boundaries.
+
+    A second signal of either kind ends the process at once (the default action), so a
+    second Ctrl-C still aborts a run that is slow to reach its next step boundary; the
+    checkpoints on disk stay valid because every save is atomic.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(
+            f"{signal.Signals(signum).name}: saving a checkpoint at the next step boundary "
+            "(send it again to abort now)",
+            flush=True,
         )
+
+    def __enter__(self) -> "InterruptFlag":
+        if threading.current_thread() is threading.main_thread():  # Only there can Python.
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def fault_after_step(position: int) -> None:
+    """Test-only fault hook (checkpoints.KILL_ENV): 'position:P' kills the process
+    (SIGKILL) right after the step to position P, before it is saved; 'sigterm:P' and
+    'sigint:P' send that signal to this process there. Never set it in use."""
+    hook = os.environ.get(checkpoints.KILL_ENV, "")
+    action, _, at = hook.partition(":")
+    if at != str(position):
+        return
+    signums = {"position": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}
+    if action in signums:
+        os.kill(os.getpid(), signums[action])
+
+
+class NonFiniteGuard:
+    """The steps' `nonfinite` flags since the last check, read only at checks.
+
+    Checked at log time and before every save, so that with 'stop' no checkpoint is ever
+    written from a state that followed a non-finite loss or gradient.
+    """
+
+    def __init__(self, mode: str, total: int):
+        self.mode = mode
+        self.total = total
+        self.pending: list[tuple[int, dict]] = []
+        self.skipped = 0
+
+    def record(self, position: int, step_metrics: dict) -> None:
+        self.pending.append((position, step_metrics))
+
+    def check(self, phase: schedule.Phase, last_checkpoint: int | None) -> int:
+        """Raises NonFiniteError ('stop'); returns the steps skipped since the last check."""
+        pending, self.pending = jax.device_get(self.pending), []
+        bad = [(p, m) for p, m in pending if m[nonfinite.FLAG] > 0]
+        if bad and self.mode == "stop":
+            position, values = bad[0]
+            shown = ", ".join(
+                f"{k}={float(v):.4g}" for k, v in sorted(values.items()) if k != nonfinite.FLAG
+            )
+            kept = "none yet" if last_checkpoint is None else f"position {last_checkpoint}"
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {position - phase.start} of phase "
+                f"{phase.name} (position {position} of {self.total}): {shown}; stopped without "
+                f"saving; the last checkpoint ({kept}) is intact: rerun to resume from it, or "
+                "set --config.nonfinite=skip to skip such steps"
+            )
+        self.skipped += len(bad)
+        return len(bad)
 
 
 def to_uint8_image(image: np.ndarray, normalization: str) -> np.ndarray:
@@ -277,6 +366,58 @@ def restore_or_init(config, manager, mesh) -> TrainState:
     return parallel.put_replicated(restored if restored is not None else fresh, mesh)
 
 
+def save_checkpoint(manager, state: TrainState, guard: NonFiniteGuard, phase) -> None:
+    """Saves after making sure no step since the last check was non-finite."""
+    guard.check(phase, manager.latest_step())
+    checkpoints.save(manager, state)
+
+
+def stop_if_interrupted(
+    interrupt: InterruptFlag, manager, state: TrainState, guard: NonFiniteGuard, phase
+) -> None:
+    """At a step boundary after a signal: save, then end the run with Interrupted."""
+    if interrupt.signum is None:
+        return
+    save_checkpoint(manager, state, guard, phase)
+    position = int(state.position)
+    raise Interrupted(
+        f"interrupted at position {position} of {guard.total} (phase {phase.name}); "
+        "checkpoint saved; run the same command to resume",
+        interrupt.signum,
+    )
+
+
+def log_interval(
+    state: TrainState, phase, collection, skipped: int, *, config, writer, progress, position
+) -> None:
+    """Writes the interval's averages and prints a progress line."""
+    summary = {k: float(v) for k, v in collection.compute().items()} if collection else {}
+    if skipped:
+        summary[nonfinite.FLAG] = skipped  # Steps skipped in this interval.
+    rate = progress.update(phase.kind, position)
+    scalars = {f"{phase.kind}/{k}": v for k, v in summary.items()}
+    scalars[f"{phase.kind}/steps_per_sec"] = rate
+    scalars["learning_rate"] = learning_rate(config, phase, int(state.step))
+    writer.write_scalars(position, scalars)
+    eta = format_seconds(progress.eta_seconds(position))
+    shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items()))
+    print(
+        f"[{config.method}] {phase.name} {position - phase.start}/{phase.length} "
+        f"(position {position}/{phase_total(progress)}) {shown} "
+        f"{rate:.2f} steps/s ETA {eta}",
+        flush=True,
+    )
+
+
+def merge_step_metrics(collection, step_metrics: dict):
+    """Adds a step's metrics to the interval's averages; skipped steps do not count."""
+    values = {k: v for k, v in step_metrics.items() if k != nonfinite.FLAG}
+    cls = metrics_collection(tuple(sorted(values)))
+    kept = (step_metrics[nonfinite.FLAG] == 0).reshape(1)
+    merged = cls.single_from_model_output(**{k: v.reshape(1) for k, v in values.items()}, mask=kept)
+    return merged if collection is None else collection.merge(merged)
+
+
 def run_phase(
     state: TrainState,
     phase: schedule.Phase,
@@ -288,6 +429,8 @@ def run_phase(
     manager,
     writer,
     progress: Progress,
+    guard: NonFiniteGuard,
+    interrupt: InterruptFlag,
 ) -> TrainState:
     """Runs the phase's remaining steps, logging and checkpointing along the way."""
     step_fn = getattr(steps, phase.kind)
@@ -297,34 +440,25 @@ def run_phase(
         batch = parallel.to_global(next(batches), mesh)
         state, step_metrics = step_fn(state, batch)
         new_position = position + 1
+        fault_after_step(new_position)
         if position == first:
             jax.block_until_ready(state.position)
             progress.restart(new_position)  # Do not count the compilation.
-        merged = metrics_collection(tuple(sorted(step_metrics)))
-        merged = merged.single_from_model_output(**step_metrics)
-        collection = merged if collection is None else collection.merge(merged)
+        guard.record(new_position, step_metrics)
+        collection = merge_step_metrics(collection, step_metrics)
         if new_position % config.log_every == 0 or new_position == phase.end:
-            summary = {k: float(v) for k, v in collection.compute().items()}
-            check_finite(summary, phase, new_position)
-            rate = progress.update(phase.kind, new_position)
-            scalars = {f"{phase.kind}/{k}": v for k, v in summary.items()}
-            scalars[f"{phase.kind}/steps_per_sec"] = rate
-            scalars["learning_rate"] = learning_rate(config, phase, int(state.step))
-            writer.write_scalars(new_position, scalars)
-            eta = format_seconds(progress.eta_seconds(new_position))
-            shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items()))
-            print(
-                f"[{config.method}] {phase.name} {new_position - phase.start}/{phase.length} "
-                f"(position {new_position}/{phase_total(progress)}) {shown} "
-                f"{rate:.2f} steps/s ETA {eta}",
-                flush=True,
-            )
+            skipped = guard.check(phase, manager.latest_step())
+            log_interval(
+                state, phase, collection, skipped,
+                config=config, writer=writer, progress=progress, position=new_position,
+            )  # fmt: skip
             collection = None
         if config.image_every and new_position % config.image_every == 0:
             writer.write_images(new_position, image_summaries(state, steps, batch, config, phase))
         if config.checkpoint_every and new_position % config.checkpoint_every == 0:
-            checkpoints.save(manager, state)
+            save_checkpoint(manager, state, guard, phase)
             progress.restart(new_position)
+        stop_if_interrupted(interrupt, manager, state, guard, phase)
     return state
 
 
@@ -345,21 +479,39 @@ def learning_rate(config, phase: schedule.Phase, segmenter_step: int) -> float:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes config.json (atomically: a crash never leaves half a file to compare with)."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses a workdir trained with other settings unless allowed; says what changed."""
+    changes = validation.check_config_unchanged(config, workdir)
+    if changes:
+        print(f"[{config.method}] config changed (allowed): " + "; ".join(changes), flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) the configured method's schedule; returns the final evaluation."""
+    """Runs (or resumes) the configured method's schedule; returns the final evaluation.
+
+    SIGTERM/SIGINT end it with Interrupted after a checkpoint at the next step boundary;
+    a non-finite step ends it with NonFiniteError (config.nonfinite='stop').
+    """
     os.makedirs(workdir, exist_ok=True)
+    check_workdir_config(config, workdir)
     plan = schedule.phases(config)
     parallel.check_batch_sizes(config)
     data = load_data(config, workdir)
     mesh = parallel.make_mesh()
     steps = parallel.make_steps(config, mesh)
-    manager = checkpoints.make_manager(workdir, [p.end for p in plan], config.keep_periodic)
-    state = restore_or_init(config, manager, mesh)
+    manager = checkpoints.make_manager(
+        workdir, [p.end for p in plan], config.keep_periodic, cleanup=True
+    )
+    restored = checkpoints.restore_latest_readable(manager, state_lib.init_state(config))
+    state = parallel.put_replicated(restored or state_lib.init_state(config), mesh)
     save_config(config, workdir)
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=False
@@ -368,12 +520,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if position:
         print(f"[{config.method}] resuming at position {position}", flush=True)
     progress = Progress(plan)
+    guard = NonFiniteGuard(config.nonfinite, phase_total(progress))
     batches = Batches(config, data, position)
     result = None
-    with metric_writers.ensure_flushes(writer):
+    with metric_writers.ensure_flushes(writer), InterruptFlag() as interrupt:
         for phase in plan:
             if int(state.position) >= phase.end:
                 continue
+            stop_if_interrupted(interrupt, manager, state, guard, phase)
             if int(state.position) == phase.start:
                 state = parallel.put_replicated(begin_phase(state, phase, config), mesh)
             state = run_phase(
@@ -386,15 +540,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 manager=manager,
                 writer=writer,
                 progress=progress,
+                guard=guard,
+                interrupt=interrupt,
             )
-            checkpoints.save(manager, state)
+            save_checkpoint(manager, state, guard, phase)
             if config.eval_at_phase_end or phase is plan[-1]:
                 result = run_evaluation(state, steps, data, config, mesh, workdir, writer)
                 progress.restart(int(state.position))
         if result is None:  # Nothing left to train: evaluate what the checkpoint holds.
             result = run_evaluation(state, steps, data, config, mesh, workdir, writer)
     manager.close()
-    return result
+    if guard.skipped:
+        print(
+            f"[{config.method}] skipped {guard.skipped} steps with a non-finite loss or "
+            "gradient (config.nonfinite='skip')",
+            flush=True,
+        )
+    return {**result, "nonfinite_skipped": guard.skipped}
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
