@@ -32,12 +32,18 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not verbosity_given(sys.argv):
         logging.set_verbosity(logging.WARNING)  # Progress lines are printed; -v 0 for INFO logs.
-    # Imported here so that --help is fast and flag errors come before JAX starts.
-    from metapix_jax import train, validation
+    # Imported here so that --help is fast and flag errors come before JAX starts; the
+    # config is checked before the training code (TensorFlow, via clu) is even imported.
+    from metapix_jax import validation
     from metapix_jax.data import sources
 
     try:
         validation.validate(FLAGS.config, FLAGS.workdir)
+    except validation.ConfigError as e:
+        fail(f"ConfigError: {e}", 1)
+    from metapix_jax import train
+
+    try:
         run(FLAGS.config, FLAGS.workdir)
     except (validation.ConfigError, sources.DataError, train.NonFiniteError) as e:
         fail(f"{type(e).__name__}: {e}", 1)

@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 
 from metapix_jax import checkpoints, losses, schedule
-from metapix_jax.data import pipeline, synthetic
+from metapix_jax.data import labels, pipeline, synthetic
 from metapix_jax.state import DTYPES
 
 MODES = ("train", "eval", "compare")
@@ -202,10 +202,7 @@ def data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     """Real data needs its roots; the synthetic benchmark needs a valid label convention."""
     d = config.data
     if d.synthetic:
-        try:
-            synthetic.parse_confusions(d.synthetic_confusions)
-        except (ValueError, AttributeError) as e:
-            yield f"config.data.synthetic_confusions={d.synthetic_confusions!r}: {e}"
+        yield from confusion_problems(d.synthetic_confusions)
         return
     roots = [("target_root", d.target_root)]
     if config.method in schedule.METHODS and schedule.needs_source(config):
@@ -215,6 +212,20 @@ def data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
             yield f"config.data.{field} is empty: give the dataset folder (or data.synthetic=True)"
         elif not os.path.isdir(root):
             yield f"config.data.{field}={root!r} is not a directory"
+
+
+def confusion_problems(text: Any) -> Iterator[str]:
+    """The benchmark's label convention: 'class>class' pairs of known class names or '*'."""
+    field = f"config.data.synthetic_confusions={text!r}"
+    try:
+        pairs = synthetic.parse_confusions(text)
+    except (ValueError, AttributeError):
+        yield f"{field} must look like 'sidewalk>road,car>truck' ('' = no confusion)"
+        return
+    names = (*labels.CLASS_NAMES, "*")
+    for source, written in pairs.items():
+        if source not in names or written not in names:
+            yield f"{field}: {source!r}>{written!r} must name classes of {names}"
 
 
 def checkpoint_problems(config: ml_collections.ConfigDict, workdir: str) -> Iterator[str]:

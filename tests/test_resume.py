@@ -1,0 +1,146 @@
+"""Exact resume: a run killed anywhere and restarted ends bit-identical to an unbroken one.
+
+One uninterrupted reference run of main.py on the tiny config (metapix: joint 3, then
+(meta 2, weighted 2) x 2 = 11 positions, a checkpoint at every position) is compared
+with one workdir that is killed again and again by the test-only fault hook
+METAPIX_TEST_KILL_AT and rerun with the same command each time: inside the joint phase,
+by SIGTERM inside a meta phase, in the middle of a checkpoint save, at the start of
+generation 2's meta phase (the U-Net is re-initialised) and inside generation 2's
+weighted phase. Compiled programs are shared through JAX's persistent compilation cache,
+so only the first process compiles.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from metapix_jax import checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 11
+
+
+def run_main(workdir: str, env_extra: dict, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **env_extra)
+    env.pop(checkpoints.KILL_ENV, None)
+    env.update(env_extra)
+    command = [
+        sys.executable,
+        "main.py",
+        "--config=configs/test.py",
+        f"--workdir={workdir}",
+        "--config.mode=train",
+        "--config.checkpoint_every=1",
+        "--config.eval_at_phase_end=False",
+        *args,
+    ]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """The compilation cache, the benchmark root and the uninterrupted reference run."""
+    base = tmp_path_factory.mktemp("resume")
+    env = {
+        "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    data = f"--config.data.synthetic_root={base / 'benchmark'}"
+    reference = str(base / "reference")
+    proc = run_main(reference, env, data)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return env, data, reference
+
+
+def final_state(workdir: str, position: int = TOTAL) -> dict:
+    path = os.path.join(checkpoints.checkpoint_dir(workdir), str(position), "default")
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    flat_a = dict(ocp.tree.to_flat_dict(a))
+    flat_b = dict(ocp.tree.to_flat_dict(b))
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        x, y = np.asarray(flat_a[key]), np.asarray(flat_b[key])
+        assert x.dtype == y.dtype and x.shape == y.shape, key
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"{key} differs"
+
+
+def temporary_dirs(workdir: str) -> list[str]:
+    folder = checkpoints.checkpoint_dir(workdir)
+    return [n for n in os.listdir(folder) if "tmp" in n]
+
+
+def test_killed_anywhere_and_rerun_ends_bit_identical(shared, tmp_path):
+    env, data, reference = shared
+    workdir = str(tmp_path / "run")
+    # (fault, expected exit code, latest checkpoint left behind, what it exercises)
+    faults = [
+        ("position:2", -signal.SIGKILL, 1, "kill -9 inside the joint phase"),
+        ("sigterm:4", 128 + signal.SIGTERM, 4, "SIGTERM inside meta_gen1"),
+        ("save:6", -signal.SIGKILL, 5, "kill -9 in the middle of saving position 6"),
+        ("position:8", -signal.SIGKILL, 7, "kill -9 in meta_gen2 (fresh U-Net on resume)"),
+        ("position:11", -signal.SIGKILL, 10, "kill -9 at the end of weighted_gen2"),
+    ]
+    for fault, exit_code, latest, what in faults:
+        proc = run_main(workdir, {**env, checkpoints.KILL_ENV: fault}, data)
+        assert proc.returncode == exit_code, (what, proc.stdout[-2000:], proc.stderr[-3000:])
+        assert checkpoints.finished_positions(workdir)[-1] == latest, what
+        if fault.startswith("sigterm"):
+            assert (
+                "interrupted at position 4 of 11 (phase meta_gen1); checkpoint saved; "
+                "run the same command to resume"
+            ) in proc.stderr
+            assert "Traceback" not in proc.stderr
+        if fault.startswith("save"):
+            assert temporary_dirs(workdir), "the killed save should leave its temporary dir"
+            # The previous checkpoint is complete and readable.
+            assert final_state(workdir, latest)["position"] == latest
+    proc = run_main(workdir, env, data)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resuming at position 10" in proc.stdout
+    assert not temporary_dirs(workdir)  # The half-written save was cleaned up.
+    assert_bitwise_equal(final_state(workdir), final_state(reference))
+    # The check is able to fail: an earlier position's state differs from the final one.
+    with pytest.raises(AssertionError):
+        assert_bitwise_equal(final_state(workdir, 10), final_state(reference))
+
+
+def test_a_finished_but_unreadable_checkpoint_is_set_aside(shared, tmp_path):
+    """A damaged latest checkpoint: the run goes on from the one before, bit-identically."""
+    env, data, reference = shared
+    workdir = str(tmp_path / "run")
+    proc = run_main(workdir, {**env, checkpoints.KILL_ENV: "position:10"}, data)
+    assert proc.returncode == -signal.SIGKILL
+    damaged = os.path.join(checkpoints.checkpoint_dir(workdir), "9")
+    for folder, _, files in os.walk(damaged):
+        for name in files:
+            if name != "_CHECKPOINT_METADATA":
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(b"\0garbage")
+    proc = run_main(workdir, env, data)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "checkpoint 9 is unreadable" in proc.stdout
+    assert os.path.isdir(os.path.join(workdir, "unreadable_checkpoints", "9"))
+    assert "resuming at position 8" in proc.stdout
+    assert_bitwise_equal(final_state(workdir), final_state(reference))
+
+
+def test_a_workdir_with_another_config_is_refused_unless_allowed(shared, tmp_path):
+    env, data, reference = shared
+    proc = run_main(reference, env, data, "--config.optim.learning_rate=0.5", "--config.seed=3")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "optim.learning_rate: 0.001 -> 0.5" in proc.stderr
+    assert "seed: 0 -> 3" in proc.stderr
+    assert "allow_config_change" in proc.stderr
+    # Exempt fields (logging, paths) change freely: the finished run just evaluates again.
+    proc = run_main(reference, env, data, "--config.log_every=5", "--config.image_every=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
