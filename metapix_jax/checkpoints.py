@@ -119,15 +119,27 @@ def set_aside(manager: ocp.CheckpointManager, position: int) -> str:
 def restore_latest_readable(
     manager: ocp.CheckpointManager, template: TrainState
 ) -> TrainState | None:
-    """The newest checkpoint that restores; unreadable newer ones are set aside."""
-    while (position := manager.latest_step()) is not None:
+    """The newest checkpoint that restores; unreadable newer ones are set aside.
+
+    Nothing is moved unless an older checkpoint does restore: when none does (e.g. the
+    model changed shape under allow_config_change), the newest one's error is raised.
+    """
+    positions = sorted(manager.all_steps(), reverse=True)
+    failures: list[tuple[int, Exception]] = []
+    for position in positions:
         try:
-            return restore(manager, template, position)
-        except Exception as e:  # noqa: BLE001 - any failure to read means: use the one before.
-            dest = set_aside(manager, position)
+            state = restore(manager, template, position)
+        except Exception as e:  # noqa: BLE001 - any failure to read means: try the one before.
+            failures.append((position, e))
+            continue
+        for bad, error in failures:
+            dest = set_aside(manager, bad)
             message = (
-                f"checkpoint {position} is unreadable ({type(e).__name__}: {e}); moved to {dest}"
+                f"checkpoint {bad} is unreadable ({type(error).__name__}: {error}); moved to {dest}"
             )
             logging.warning(message)
-            print(f"warning: {message}", flush=True)
+            print(f"warning: {message.splitlines()[0]}", flush=True)
+        return state
+    if failures:
+        raise failures[0][1]
     return None

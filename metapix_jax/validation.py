@@ -243,6 +243,8 @@ def checkpoint_problems(config: ml_collections.ConfigDict, workdir: str) -> Iter
 def validate(config: ml_collections.ConfigDict, workdir: str, devices: int | None = None) -> None:
     """Raises ConfigError listing every problem (one line each), or returns.
 
+    In train mode it also refuses a workdir trained with another config (see below).
+
     `devices` defaults to jax.device_count(), which starts the backend but compiles nothing.
     """
     problems = list(field_problems(config))
@@ -256,6 +258,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str, devices: int | Non
     problems += checkpoint_problems(config, workdir)
     if problems:
         raise ConfigError("\n".join(problems))
+    if config.mode == "train":  # Compare mode checks each method's workdir when it gets there.
+        check_config_unchanged(config, workdir)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -41,7 +41,7 @@ def tiny_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def benchmark(tmp_path_factory):
+def bench_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("bench"))
     d = tiny_config().data
     synthetic.write_benchmark(
@@ -81,11 +81,11 @@ def saved(workdir: str, position: int) -> dict:
     return ocp.StandardCheckpointer().restore(path)
 
 
-def test_nan_stops_with_the_step_named_then_skip_completes(monkeypatch, benchmark, tmp_path):
+def test_nan_stops_with_the_step_named_then_skip_completes(monkeypatch, bench_root, tmp_path):
     workdir = str(tmp_path)
     inject_nan_at(monkeypatch, 4)
     config = tiny_config()
-    config.data.synthetic_root = benchmark
+    config.data.synthetic_root = bench_root
     with pytest.raises(train.NonFiniteError) as error:
         train.train_and_evaluate(config, workdir)
     message = str(error.value)
@@ -188,16 +188,16 @@ def read_everything(root: str, config) -> None:
     list(train.eval_stream(config, data.target_eval))
 
 
-def test_fuzz_corrupted_dataset_files_give_a_data_error_naming_the_file(benchmark, tmp_path):
+def test_fuzz_corrupted_dataset_files_give_a_data_error_naming_the_file(bench_root, tmp_path):
     rng = np.random.default_rng(1234)
-    files = sorted(glob.glob(f"{benchmark}/**/*.png", recursive=True))
+    files = sorted(glob.glob(f"{bench_root}/**/*.png", recursive=True))
     files = [f for f in files if "/harmful/" not in f]
     outcomes = {"clean": 0, "error": 0}
     for case in range(12):
         root = str(tmp_path / f"case{case}")
-        shutil.copytree(benchmark, root)
+        shutil.copytree(bench_root, root)
         victims = rng.choice(files, size=int(rng.integers(1, 4)), replace=False)
-        damaged = {os.path.join(root, os.path.relpath(v, benchmark)): None for v in victims}
+        damaged = {os.path.join(root, os.path.relpath(v, bench_root)): None for v in victims}
         for path in damaged:
             damaged[path] = corrupt(path, rng)
         config = tiny_config()
@@ -212,10 +212,10 @@ def test_fuzz_corrupted_dataset_files_give_a_data_error_naming_the_file(benchmar
     assert outcomes["error"] >= 6, outcomes  # Most damage is detected, not decoded as noise.
 
 
-def test_corrupted_data_mid_run_keeps_the_checkpoints(benchmark, tmp_path):
+def test_corrupted_data_mid_run_keeps_the_checkpoints(bench_root, tmp_path):
     """A resumed run that meets a damaged image: one line from main.py, checkpoints intact."""
     root = str(tmp_path / "bench")
-    shutil.copytree(benchmark, root)
+    shutil.copytree(bench_root, root)
     for path in glob.glob(f"{root}/gta5/images/*.png"):
         with open(path, "r+b") as f:
             f.truncate(100)
