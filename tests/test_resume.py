@@ -71,7 +71,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     for key in flat_a:
         x, y = np.asarray(flat_a[key]), np.asarray(flat_b[key])
         assert x.dtype == y.dtype and x.shape == y.shape, key
-        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"{key} differs"
+        assert np.array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8)), key
 
 
 def temporary_dirs(workdir: str) -> list[str]:
