@@ -13,13 +13,18 @@ import os
 
 import numpy as np
 
-# Fields that differ between runs without defining a setting.
+# Fields that differ between runs without changing what is trained.
 IGNORED_FIELDS = (
     "seed",
     "mode",
     "method",
     "compare_methods",
     "eval_checkpoint",
+    "eval_at_phase_end",
+    "log_every",
+    "image_every",
+    "checkpoint_every",
+    "keep_periodic",
     "data.synthetic_seed",
     "data.synthetic_root",
     "data.source_root",
@@ -73,16 +78,21 @@ def find_runs(root: str) -> list[dict]:
 
 
 def settings(runs: list[dict]) -> list[str]:
-    """Each run's setting: the fields whose value differs from the most common one."""
+    """Each run's setting: the fields whose value differs from the most common one.
+
+    A field a run's config.json lacks (written before the field existed) is taken to
+    have its default value and never counts as a difference.
+    """
     fields = sorted({k for r in runs for k in r["config"]} - set(IGNORED_FIELDS))
     common = {}
     for field in fields:
-        values = collections.Counter(repr(r["config"].get(field)) for r in runs)
+        values = collections.Counter(repr(r["config"][field]) for r in runs if field in r["config"])
         common[field] = values.most_common(1)[0][0]
     out = []
     for r in runs:
-        differ = [f for f in fields if repr(r["config"].get(f)) != common[f]]
-        out.append(", ".join(f"{f}={r['config'].get(f)}" for f in differ))
+        c = r["config"]
+        differ = [f for f in fields if f in c and repr(c[f]) != common[f]]
+        out.append(", ".join(f"{f}={c[f]}" for f in differ))
     return out
 
 
