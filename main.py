@@ -1,7 +1,7 @@
 """Entry point: `python main.py --config=configs/gta5.py --workdir=DIR [--config.x=...]`.
 
 Parses flags, validates the config (before anything is compiled) and hands over to the
-library; modes: train, eval, compare. Expected failures (a bad config value, bad data, a
+library; modes: train, eval, compare, results. Expected failures (a bad config value, bad data, a
 non-finite loss, an interruption) end with one line on stderr, not a traceback.
 """
 
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
 
 def run(config, workdir: str) -> None:
     """Dispatches on config.mode (already validated)."""
-    from metapix_jax import compare, train
+    from metapix_jax import compare, results, train
 
     if config.mode == "train":
         train.train_and_evaluate(config, workdir)
@@ -61,6 +61,8 @@ def run(config, workdir: str) -> None:
         train.evaluate_checkpoint(config, workdir)
     elif config.mode == "compare":
         compare.run_comparison(config, workdir)
+    elif config.mode == "results":
+        results.print_results(workdir)
 
 
 def fail(message: str, exit_code: int) -> None:

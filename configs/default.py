@@ -12,12 +12,16 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # What main.py does: 'train' (run the schedule), 'eval' (mIoU of a checkpoint),
-    # 'compare' (train and evaluate several methods side by side; the demo uses it).
+    # 'compare' (train and evaluate several methods side by side; the demo uses it),
+    # 'results' (a markdown table of every finished run under --workdir, over seeds).
     config.mode = "train"
     # 'metapix' (Algorithm 1), 'direct_joint' (joint training for as many segmenter steps
-    # as MetaPix takes) or 'target_only' (target images alone, same number of steps).
+    # as MetaPix takes), 'target_only' (target images alone, same number of steps), or a
+    # baseline/variant: 'finetune', 'metapix_online', 'hrselect', 'fda', 'minent'
+    # (metapix_jax/schedule.py says what each one trains).
     config.method = "metapix"
-    # The methods that 'compare' mode runs, each in WORKDIR/<method>.
+    # The methods that 'compare' mode runs, each in WORKDIR/<method>; besides the methods
+    # above, compare.VARIANTS names such as 'focal' or 'metapix_w19' (a method + fields).
     config.compare_methods = ("target_only", "direct_joint", "metapix")
     config.seed = 1234
 
@@ -104,6 +108,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss = loss = ml_collections.ConfigDict()
     loss.source_normalization = "all"  # Weighted source loss / 'all' pixels or 'valid' ones.
     loss.target_normalization = "valid"
+    loss.kind = "ce"  # Per-pixel loss of the segmenter steps: 'ce' or 'focal' (Table 1).
+    loss.focal_gamma = 2.0  # gamma of the focal loss (Lin et al.'s value).
+
+    # ---- baselines ----------------------------------------------------------------------------
+    config.fda = fda = ml_collections.ConfigDict()
+    fda.beta = 0.01  # Low band half-width / min(H, W) swapped by method 'fda' (FDA's 0.01).
+    config.minent = minent = ml_collections.ConfigDict()
+    minent.weight = 0.001  # lambda of the target-entropy term of method 'minent' (AdvEnt's).
 
     # ---- logging, checkpoints, evaluation ------------------------------------------------
     config.log_every = 100  # Steps between scalar summaries and progress lines.

@@ -39,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.meta.inner_learning_rate = 1e-3
     config.meta.learning_rate = 2e-3
     config.meta.reinit_per_generation = True  # A fresh U-Net per generation (REFERENCE 10).
+    # FDA's 0.01 of 64 rows rounds to an empty band (b = 0); 0.05 swaps |k| < 3.
+    config.fda.beta = 0.05
     config.schedule.joint_steps = 600
     config.schedule.meta_steps = 200
     config.schedule.weighted_steps = 200

@@ -6,7 +6,6 @@ separate the source pixels known to be harmful (mislabeled) from the clean ones.
 
 import json
 import os
-import shutil
 
 import jax
 import ml_collections
@@ -91,47 +90,95 @@ def write_separation(separation: dict, workdir: str, position: int) -> None:
     writer.close()
 
 
-def reuse_pretraining(config: ml_collections.ConfigDict, source_dir: str, dest_dir: str) -> None:
-    """Starts MetaPix from direct joint's checkpoint at the end of the joint phase.
+def joint_phase_signature(config: ml_collections.ConfigDict) -> dict | None:
+    """What the first N1 steps depend on, or None if they are not joint steps.
 
-    Both runs take the same first N1 steps (same seed, data, model, lr schedule), so the
-    copy is exactly the state MetaPix would reach itself; it saves N1 steps of compute.
+    Two configs with equal signatures take identical joint phases (same seed, data,
+    segmenter, optimiser and lr horizon): one run's checkpoint at N1 serves the other.
     """
+    if schedule.phases(config)[0].kind != "joint":
+        return None
+    c = config.to_dict()
+    return {
+        "seed": c["seed"],
+        "data": {k: v for k, v in c["data"].items() if k != "synthetic_root"},
+        "model": c["model"],
+        "optim": c["optim"],
+        "loss": c["loss"],
+        "joint_steps": c["schedule"]["joint_steps"],
+        "segmenter_steps": state_lib.total_segmenter_steps(config),
+    }
+
+
+def reuse_pretraining(
+    config: ml_collections.ConfigDict,
+    source_config: ml_collections.ConfigDict,
+    source_dir: str,
+    dest_dir: str,
+) -> bool:
+    """Starts a run from another run's checkpoint at the end of its joint phase.
+
+    Valid when both take the same first N1 steps (equal joint_phase_signature): the
+    segmenter state is exactly what the run would reach itself. The U-Net is not trained
+    in those steps, so it is this run's own initial one (W19's shape may differ from the
+    source's). Returns whether it did; a run that already has checkpoints is left alone.
+    """
+    signature = joint_phase_signature(config)
+    if signature is None or signature != joint_phase_signature(source_config):
+        return False
     position = config.schedule.joint_steps
-    source = os.path.join(checkpoints.checkpoint_dir(source_dir), str(position))
-    dest_root = checkpoints.checkpoint_dir(dest_dir)
-    if not os.path.isdir(source) or os.path.isdir(dest_root) and os.listdir(dest_root):
-        return
-    os.makedirs(dest_root, exist_ok=True)
-    shutil.copytree(source, os.path.join(dest_root, str(position)))
-    print(f"[metapix] starting from direct_joint's joint pre-training at position {position}")
+    source_manager = checkpoints.make_manager(source_dir)
+    dest_manager = checkpoints.make_manager(dest_dir)
+    try:
+        if position not in source_manager.all_steps() or dest_manager.latest_step() is not None:
+            return False
+        state = checkpoints.restore(source_manager, state_lib.init_state(source_config), position)
+        fresh = state_lib.init_state(config)
+        state = state.replace(unet_params=fresh.unet_params, unet_opt_state=fresh.unet_opt_state)
+        checkpoints.save(dest_manager, state)
+    finally:
+        source_manager.close()
+        dest_manager.close()
+    print(f"[{config.method}] starting from direct_joint's joint phase at position {position}")
+    return True
 
 
-def method_config(config: ml_collections.ConfigDict, method: str, workdir: str):
-    """The config of one method of the comparison, sharing the benchmark's files."""
+def method_config(config: ml_collections.ConfigDict, name: str, workdir: str):
+    """The config of one entry of the comparison, sharing the benchmark's files."""
+    method, overrides = schedule.resolve(name)
     sub = ml_collections.ConfigDict(config.to_dict())
     sub.method = method
     sub.mode = "train"
     sub.data.synthetic_root = train.benchmark_root(config, workdir)
+    for field, value in overrides.items():
+        group, key = field.split(".")
+        sub[group][key] = value
     return sub
 
 
+def learns_weights(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains the U-Net (its weights are then worth measuring)."""
+    return any(p.kind in schedule.WEIGHT_LEARNING_KINDS for p in schedule.phases(config))
+
+
 def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains each of config.compare_methods in WORKDIR/<method>; prints and saves a table."""
-    for method in config.compare_methods:
-        if method not in schedule.METHODS:
-            raise ValueError(f"compare_methods: unknown method {method!r}; use {schedule.METHODS}")
+    """Trains each of config.compare_methods in WORKDIR/<name>; prints and saves a table.
+
+    Runs whose joint phase equals direct_joint's start from its checkpoint at N1, so
+    list direct_joint before them to share the pre-training.
+    """
+    configs = {name: method_config(config, name, workdir) for name in config.compare_methods}
     results = {}
-    for method in config.compare_methods:
-        sub = method_config(config, method, workdir)
-        method_dir = os.path.join(workdir, method)
-        if method == "metapix" and "direct_joint" in results:
-            reuse_pretraining(sub, os.path.join(workdir, "direct_joint"), method_dir)
-        results[method] = {"eval": train.train_and_evaluate(sub, method_dir)}
-        if method == "metapix":
-            results[method]["weights"] = separation = weight_separation(sub, method_dir)
+    for name, sub in configs.items():
+        method_dir = os.path.join(workdir, name)
+        if name != "direct_joint" and "direct_joint" in results:
+            source = configs["direct_joint"]
+            reuse_pretraining(sub, source, os.path.join(workdir, "direct_joint"), method_dir)
+        results[name] = {"eval": train.train_and_evaluate(sub, method_dir)}
+        if learns_weights(sub):
+            results[name]["weights"] = separation = weight_separation(sub, method_dir)
             if separation:
-                write_separation(separation, method_dir, results[method]["eval"]["position"])
+                write_separation(separation, method_dir, results[name]["eval"]["position"])
     table = format_table(results)
     print(table, flush=True)
     if jax.process_index() == 0:

@@ -17,7 +17,14 @@ from metapix_jax import losses
 from metapix_jax.models.fcn8s import FCN8s
 from metapix_jax.models.unet import WeightingUNet
 from metapix_jax.state import TrainState
-from metapix_jax.steps import Batch, Metrics, source_weights, step_key, weight_statistics
+from metapix_jax.steps import (
+    Batch,
+    Metrics,
+    segmenter_step,
+    source_weights,
+    step_key,
+    weight_statistics,
+)
 
 
 def target_loss_given_weights(
@@ -120,3 +127,43 @@ def meta_step(
         **metrics,
     }
     return new_state, metrics
+
+
+def online_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: FCN8s,
+    unet: WeightingUNet,
+    inner_tx: optax.GradientTransformation,
+    unet_tx: optax.GradientTransformation,
+    seg_tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+) -> tuple[TrainState, Metrics]:
+    """Online MetaPix: a meta step on phi, then a weighted step on theta, on the same batch.
+
+    One schedule position per pair, so the weighted phases keep MetaPix's N3 segmenter
+    steps while phi follows theta step by step instead of being learned before it moves.
+    The same batch serves both halves (the weights are those just updated on it); the
+    meta half draws its dropout from a separate key so that no mask is used twice.
+    """
+    meta_rng = jax.random.fold_in(state.rng, 1)
+    meta_state, meta_metrics = meta_step(
+        state.replace(rng=meta_rng),
+        batch,
+        model=model,
+        unet=unet,
+        inner_tx=inner_tx,
+        unet_tx=unet_tx,
+        config=config,
+    )
+    new_state, metrics = segmenter_step(
+        meta_state.replace(rng=state.rng, position=state.position),
+        batch,
+        model=model,
+        unet=unet,
+        tx=seg_tx,
+        config=config,
+        source_term="weighted",
+    )
+    return new_state, {**meta_metrics, **metrics}

@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metapix_jax import meta, nonfinite
+from metapix_jax import hrselect, meta, nonfinite
 from metapix_jax import state as state_lib
 from metapix_jax import steps as steps_lib
 
@@ -65,6 +65,13 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> steps_lib.Steps
         else main_tx
     )
     segmenter = functools.partial(steps_lib.segmenter_step, model=model, unet=unet, config=config)
+    meta_parts = {
+        "model": model,
+        "unet": unet,
+        "inner_tx": state_lib.inner_optimizer(config),
+        "unet_tx": state_lib.weighting_optimizer(config),
+        "config": config,
+    }
     rep, split = replicated(mesh), batch_sharded(mesh)
 
     def train_jit(fn):
@@ -98,5 +105,23 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> steps_lib.Steps
             lambda state, batch: steps_lib.source_weights(unet, state.unet_params, batch),
             in_shardings=(rep, split),
             out_shardings=split,
+        ),
+        finetune=train_jit(functools.partial(segmenter, tx=weighted_tx, source_term="unweighted")),
+        online=train_jit(functools.partial(meta.online_step, seg_tx=weighted_tx, **meta_parts)),
+        hrselect=train_jit(
+            functools.partial(
+                hrselect.hrselect_step, unet=unet, unet_tx=meta_parts["unet_tx"], config=config
+            )
+        ),
+        fda=train_jit(
+            functools.partial(segmenter, tx=main_tx, source_term="unweighted", restyle_source=True)
+        ),
+        minent=train_jit(
+            functools.partial(
+                segmenter,
+                tx=main_tx,
+                source_term="unweighted",
+                entropy_weight=config.minent.weight,
+            )
         ),
     )

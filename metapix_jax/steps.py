@@ -2,7 +2,9 @@
 
 Each step is a pure function `(state, batch) -> (state, metrics)`; `make_steps` binds the
 models and the config and jits them. The methods differ only in the source term of the
-loss: none (target only), unweighted (joint) or weighted by the frozen U-Net (Alg. 3).
+loss: none (target only), unweighted (joint) or weighted by the frozen U-Net (Alg. 3);
+the FDA baseline restyles the source images first (fda.py) and the MinEnt baseline adds
+the entropy of the target predictions.
 """
 
 import functools
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from metapix_jax import losses
+from metapix_jax import fda, losses
 from metapix_jax.models.fcn8s import FCN8s
 from metapix_jax.models.unet import WeightingUNet
 from metapix_jax.state import TrainState
@@ -53,20 +55,29 @@ def segmenter_loss(
     config: ml_collections.ConfigDict,
     source_term: str,
     weights: jnp.ndarray | None,
+    entropy_weight: float = 0.0,
 ) -> tuple[jnp.ndarray, Metrics]:
-    """L = L_s + L_t (Alg. 1 line 12, Alg. 3 line 6), L_s absent for target-only."""
+    """L = L_s + L_t (Alg. 1 line 12, Alg. 3 line 6), L_s absent for target-only.
+
+    With entropy_weight > 0 (MinEnt + supervision), + entropy_weight * H(target preds).
+    """
     d, loss_cfg = config.data, config.loss
     source = batch["source_image"] if source_term != "none" else None
     logits_s, logits_t = model.apply(
         {"params": params}, source, batch["target_image"], train=True, rngs={"dropout": key}
     )
+    kind = {"kind": loss_cfg.kind, "focal_gamma": loss_cfg.focal_gamma}
     loss_t = losses.segmentation_loss(
         logits_t,
         batch["target_label"],
         ignore_label=d.ignore_label,
         normalization=loss_cfg.target_normalization,
+        **kind,
     )
     metrics = {"target_loss": loss_t}
+    if entropy_weight:
+        metrics["target_entropy"] = entropy = losses.mean_entropy(logits_t)
+        loss_t = loss_t + entropy_weight * entropy
     if source_term == "none":
         return loss_t, metrics
     loss_s = losses.segmentation_loss(
@@ -75,9 +86,18 @@ def segmenter_loss(
         ignore_label=d.ignore_label,
         normalization=loss_cfg.source_normalization if weights is not None else "valid",
         weights=weights,
+        **kind,
     )
     metrics["source_loss"] = loss_s
     return loss_s + loss_t, metrics
+
+
+def fda_batch(batch: Batch, config: ml_collections.ConfigDict) -> Batch:
+    """The batch with its source images restyled by its target images (FDA)."""
+    restyled = fda.stylize(
+        batch["source_image"], batch["target_image"], config.fda.beta, config.data.normalization
+    )
+    return {**batch, "source_image": restyled}
 
 
 def segmenter_step(
@@ -89,17 +109,29 @@ def segmenter_step(
     tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
     source_term: str,
+    restyle_source: bool = False,
+    entropy_weight: float = 0.0,
 ) -> tuple[TrainState, Metrics]:
-    """One optimiser step on theta; the U-Net (if used) is frozen: no gradient reaches it."""
+    """One optimiser step on theta; the U-Net (if used) is frozen: no gradient reaches it.
+
+    restyle_source: FDA's source images (fda.py); entropy_weight: MinEnt's target term.
+    """
     if source_term not in SOURCE_TERMS:
         raise ValueError(f"source_term must be one of {SOURCE_TERMS}, got {source_term!r}")
+    if restyle_source:
+        batch = fda_batch(batch, config)
     weights = None
     extra = {}
     if source_term == "weighted":
         weights = jax.lax.stop_gradient(source_weights(unet, state.unet_params, batch))
         extra = weight_statistics(weights, batch["source_label"], config.data.ignore_label)
     loss_fn = functools.partial(
-        segmenter_loss, model=model, config=config, source_term=source_term, weights=weights
+        segmenter_loss,
+        model=model,
+        config=config,
+        source_term=source_term,
+        weights=weights,
+        entropy_weight=entropy_weight,
     )
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, step_key(state)
@@ -150,7 +182,7 @@ def eval_step(
 
 
 class Steps(NamedTuple):
-    """The jitted step functions of one configuration."""
+    """The jitted step functions of one configuration, one per phase kind (schedule.py)."""
 
     joint: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
     target: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
@@ -159,3 +191,8 @@ class Steps(NamedTuple):
     eval: Callable[[TrainState, Batch], jnp.ndarray]
     predict: Callable[[TrainState, jnp.ndarray], jnp.ndarray]
     weights: Callable[[TrainState, Batch], jnp.ndarray]
+    finetune: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]  # Unweighted, Alg. 3's tx.
+    online: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]  # Meta then weighted.
+    hrselect: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]  # U-Net by heuristic.
+    fda: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]  # Joint, restyled source.
+    minent: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]  # Joint + target entropy.

@@ -139,14 +139,15 @@ def begin_phase(
     state: TrainState, phase: schedule.Phase, config: ml_collections.ConfigDict
 ) -> TrainState:
     """What happens once at the start of a phase, before its first step (and on resume)."""
-    if phase.kind == "meta" and config.meta.reinit_per_generation and phase.generation > 1:
+    reinit = config.meta.reinit_per_generation and phase.generation > 1
+    if phase.kind in schedule.WEIGHT_LEARNING_KINDS and reinit:
         key = state_lib.unet_key(jax.random.PRNGKey(config.seed), phase.generation - 1)
         unet_params = state_lib.init_weighting_params(config, key)
         state = state.replace(
             unet_params=unet_params,
             unet_opt_state=state_lib.weighting_optimizer(config).init(unet_params),
         )
-    if phase.kind == "weighted" and config.optim.fresh_weighted_optimizer:
+    if phase.kind in schedule.WEIGHTED_OPTIMIZER_KINDS and config.optim.fresh_weighted_optimizer:
         tx = state_lib.weighted_phase_optimizer(config)
         state = state.replace(opt_state=tx.init(state.params))
     return state
@@ -319,7 +320,7 @@ def image_summaries(
     if "source_image" in batch:
         images["source/image"] = to_uint8_image(first(batch["source_image"]), norm)
         images["source/label"] = labels.colorize(first(batch["source_label"]))
-        if phase.kind in ("meta", "weighted"):
+        if phase.kind in schedule.WEIGHT_KINDS:
             w = first(steps.weights(state, batch))
             if w.ndim == 4:  # W19: show the weight of the labeled class.
                 safe = np.clip(first(batch["source_label"]), 0, w.shape[-1] - 1)
@@ -469,7 +470,7 @@ def phase_total(progress: Progress) -> int:
 def learning_rate(config, phase: schedule.Phase, segmenter_step: int) -> float:
     """The segmenter's lr at a step, for the logs (mirrors state.segmenter_optimizer)."""
     o = config.optim
-    if phase.kind == "weighted" and o.fresh_weighted_optimizer:
+    if phase.kind in schedule.WEIGHTED_OPTIMIZER_KINDS and o.fresh_weighted_optimizer:
         horizon, base = config.schedule.weighted_steps, o.weighted_learning_rate
         segmenter_step -= config.schedule.joint_steps + (phase.generation - 1) * horizon
     else:

@@ -18,7 +18,7 @@ from metapix_jax import checkpoints, losses, schedule
 from metapix_jax.data import labels, pipeline, synthetic
 from metapix_jax.state import DTYPES
 
-MODES = ("train", "eval", "compare")
+MODES = ("train", "eval", "compare", "results")
 WEIGHTING_KINDS = ("w1", "w19")  # models/unet.py
 INNER_OPTIMIZERS = ("sgd", "adam")  # state.inner_optimizer
 FC6_PADDINGS = ("VALID", "SAME")
@@ -186,8 +186,11 @@ def schedule_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
             )
     if config.mode == "compare":
         for method in config.compare_methods:
-            if method not in schedule.METHODS:
-                yield f"config.compare_methods: {method!r} must be one of {schedule.METHODS}"
+            if method not in schedule.METHODS and method not in schedule.VARIANTS:
+                yield (
+                    f"config.compare_methods: {method!r} must be one of {schedule.METHODS} "
+                    f"or a variant {tuple(schedule.VARIANTS)}"
+                )
 
 
 def device_problems(config: ml_collections.ConfigDict, devices: int) -> Iterator[str]:
