@@ -60,6 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
     model.dropout = 0.5  # Channel dropout after fc6 and fc7.
     model.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); params stay float32.
 
+    # ---- initialisation -----------------------------------------------------------------
+    config.init = init = ml_collections.ConfigDict()
+    # ImageNet VGG-16 weights for the segmenter: torchvision's vgg16-*.pth or timm's
+    # vgg16.tv_in1k model.safetensors (needs model.width=1.0); '' = random init.
+    init.vgg16 = ""
+
     # ---- weighting network f_phi: U-Net ----------------------------------------------
     config.weighting = weighting = ml_collections.ConfigDict()
     weighting.kind = "w1"  # 'w1': one weight per pixel; 'w19': one per pixel and class.

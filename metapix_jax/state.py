@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from metapix_jax.models import pretrained
 from metapix_jax.models.fcn8s import FCN8s
 from metapix_jax.models.unet import WeightingUNet
 
@@ -155,6 +156,8 @@ def init_state(config: ml_collections.ConfigDict) -> TrainState:
     """The state at position 0 of the schedule."""
     rng = jax.random.PRNGKey(config.seed)
     params = init_segmenter_params(config, jax.random.fold_in(rng, 0))
+    if config.init.vgg16:
+        params = pretrained.load_vgg16(config.init.vgg16, params, config.model.width)
     unet_params = init_weighting_params(config, unet_key(rng, 0))
     return TrainState(
         params=params,
