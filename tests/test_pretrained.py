@@ -160,9 +160,11 @@ def pth_path(tmp_path_factory, vgg_state) -> str:
 
 
 def model_and_params(split_block: int = 1, size: int = 36):
+    """The model and its param shapes (the import replaces every leaf: no init needed)."""
     model = FCN8s(width=1.0, fc_dim=FC_DIM, fc6_padding="SAME", split_block=split_block)
     x = np.zeros((1, size, size, 3), np.float32)
-    return model, model.init(jax.random.PRNGKey(0), x, x)["params"]
+    shapes = jax.eval_shape(lambda k: model.init(k, x, x)["params"], jax.random.PRNGKey(0))
+    return model, shapes
 
 
 # ---- numpy reference forward -------------------------------------------------------------
@@ -324,22 +326,22 @@ def test_timm_safetensors_gives_the_same_params(tmp_path, pth_path, vgg_state):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path_a))
 
 
-def test_init_state_loads_the_configured_weights(pth_path, vgg_state):
+def test_initial_params_load_the_configured_weights(pth_path, vgg_state):
+    """What init_state uses for the segmenter (the U-Net's eager init is too slow here)."""
     config = test_config.get_config()
     config.model.width = 1.0
     config.model.fc_dim = FC_DIM
     config.model.fc6_kernel = 7
     config.model.fc6_padding = "SAME"
     config.init.vgg16 = pth_path
-    state = state_lib.init_state(config)
-    kernel = np.asarray(state.params["target_block1"]["conv1"]["kernel"])
+    key = jax.random.PRNGKey(0)
+    params = state_lib.initial_segmenter_params(config, key)
+    kernel = np.asarray(params["target_block1"]["conv1"]["kernel"])
     np.testing.assert_array_equal(kernel, vgg_state["features.0.weight"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(
-        state.params["block5"]["conv3"]["bias"], vgg_state["features.28.bias"]
-    )
+    np.testing.assert_array_equal(params["block5"]["conv3"]["bias"], vgg_state["features.28.bias"])
     config.model.width = 1 / 16
     with pytest.raises(pretrained.WeightFileError, match="model.width"):
-        state_lib.init_state(config)
+        state_lib.initial_segmenter_params(config, key)
 
 
 def test_real_torch_save_reads_the_same_without_torch(tmp_path):

@@ -270,11 +270,11 @@ def _check_shape(name: str, found: np.ndarray, expected: np.ndarray, path: str) 
             f"{path!r}: {name} should have shape {tuple(expected.shape)} for the configured "
             f"model, found {tuple(found.shape)}"
         )
-    return found.astype(np.asarray(expected).dtype)
+    return found.astype(expected.dtype)
 
 
 def fcn8s_params_from_vgg16(layers: dict[str, tuple], params: PyTree, path: str) -> PyTree:
-    """A copy of `params` (an FCN8s tree) with every VGG-16 layer replaced by `layers`."""
+    """An FCN8s tree laid out like `params`, every layer from `layers` (pool scores zero)."""
     out = {name: dict(sub) for name, sub in params.items()}
 
     def put(module: dict, name: str, kernel: np.ndarray, bias: np.ndarray) -> dict:
@@ -302,14 +302,15 @@ def fcn8s_params_from_vgg16(layers: dict[str, tuple], params: PyTree, path: str)
     score_kernel = weight[:num_classes].T[None, None]
     out["score"] = put(params["score"], "score", score_kernel, bias[:num_classes])
     for name in ("score_pool3", "score_pool4"):
-        out[name] = {k: np.zeros_like(v) for k, v in params[name].items()}
+        out[name] = {k: np.zeros(v.shape, v.dtype) for k, v in params[name].items()}
     return out
 
 
 def load_vgg16(path: str, params: PyTree, width: float) -> PyTree:
     """FCN-8s params initialised from the ImageNet VGG-16 in `path` (see the module doc).
 
-    `params` is a freshly initialised tree: it gives the layout and the expected shapes.
+    `params` gives the layout and the expected shapes (arrays or jax.ShapeDtypeStruct):
+    every leaf is replaced.
     """
     if width != 1.0:
         raise WeightFileError(
