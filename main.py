@@ -1,6 +1,6 @@
 """Entry point: `python main.py --config=configs/gta5.py --workdir=DIR [--config.x=...]`.
 
-Parses flags and hands over to the library; modes: train, eval, compare.
+Parses flags and hands over to the library; modes: train, eval, compare, predict.
 """
 
 import os
@@ -19,7 +19,7 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and re
 config_flags.DEFINE_config_file("config", None, "A config file in configs/.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
-MODES = ("train", "eval", "compare")
+MODES = ("train", "eval", "compare", "predict")
 
 
 def verbosity_given(argv: list[str]) -> bool:
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     if not verbosity_given(sys.argv):
         logging.set_verbosity(logging.WARNING)  # Progress lines are printed; -v 0 for INFO logs.
     # Imported here so that --help is fast and flag errors come before JAX starts.
-    from metapix_jax import compare, train
+    from metapix_jax import compare, predict, train
 
     config = FLAGS.config
     if config.mode == "train":
@@ -42,6 +42,8 @@ def main(argv: list[str]) -> None:
         train.evaluate_checkpoint(config, FLAGS.workdir)
     elif config.mode == "compare":
         compare.run_comparison(config, FLAGS.workdir)
+    elif config.mode == "predict":
+        predict.run_prediction(config, FLAGS.workdir)
     else:
         raise app.UsageError(f"config.mode must be one of {MODES}, got {config.mode!r}")
 

@@ -12,7 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # What main.py does: 'train' (run the schedule), 'eval' (mIoU of a checkpoint),
-    # 'compare' (train and evaluate several methods side by side; the demo uses it).
+    # 'compare' (train and evaluate several methods side by side; the demo uses it),
+    # 'predict' (segment image files; export weight maps: see config.predict).
     config.mode = "train"
     # 'metapix' (Algorithm 1), 'direct_joint' (joint training for as many segmenter steps
     # as MetaPix takes) or 'target_only' (target images alone, same number of steps).
@@ -117,5 +118,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 2000  # Periodic checkpoints (phase ends are always kept).
     config.keep_periodic = 2  # Periodic checkpoints kept besides the phase-end ones.
     config.eval_at_phase_end = True  # mIoU on the target eval split after every phase.
-    config.eval_checkpoint = -1  # Eval mode: the schedule position to evaluate (-1 = latest).
+    config.eval_checkpoint = -1  # Eval/predict: the checkpoint's position (-1 = latest).
+
+    # ---- predict mode ---------------------------------------------------------------------
+    config.predict = predict = ml_collections.ConfigDict()
+    predict.input = ""  # Images to segment: a folder (searched recursively) or a glob.
+    predict.output = ""  # Where the PNGs go ('' = WORKDIR/predict).
+    predict.overlay = 0.0  # > 0: also <name>_overlay.png, the colours at this opacity (<= 1).
+    predict.train_ids = False  # Also write <name>_trainIds.png (raw train ids, 255 = none).
+    predict.weights_for = ""  # 'source': also write U-Net weight maps (paper Fig. 3).
+    predict.num_weight_images = 10  # How many source images (the first) get weight maps.
     return config
