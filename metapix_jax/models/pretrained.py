@@ -150,7 +150,9 @@ def _read_torch_legacy(path: str) -> dict:
         storages: dict[str, np.ndarray] = {}
 
         def load_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
-            return storages.setdefault(key, np.zeros(numel, dtype))
+            if key not in storages:
+                storages[key] = np.zeros(numel, dtype)
+            return storages[key]
 
         result = _RestrictedUnpickler(f, path, load_storage).load()
         for key in _RestrictedUnpickler(f, path, None).load():
@@ -202,7 +204,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         except Exception as e:  # safetensors raises its own error types.
             raise WeightFileError(f"{path!r} is not a readable safetensors file: {e}") from e
     if importlib.util.find_spec("torch") is not None:
-        return _torch_load(path)
+        try:
+            return _torch_load(path)
+        except Exception as e:  # torch's unpickling errors have no common type.
+            raise WeightFileError(f"torch.load(weights_only=True) refused {path!r}: {e}") from e
     return read_torch_without_torch(path)
 
 
@@ -255,6 +260,11 @@ def vgg16_layers(state: dict[str, np.ndarray], path: str) -> dict[str, tuple]:
     in_channels = layers["b5c3"][0].shape[-1]
     if fc6.ndim == 2:  # torchvision: (4096, 512*7*7), flattened C, H, W.
         side = int(round(np.sqrt(fc6.shape[1] / in_channels)))
+        if side * side * in_channels != fc6.shape[1]:
+            raise WeightFileError(
+                f"{path!r}: {fc_names[0]}.weight is {fc6.shape}; expected (out, "
+                f"{in_channels} * k * k) for a k x k fc6 on {in_channels} channels"
+            )
         fc6 = fc6.reshape(fc6.shape[0], in_channels, side, side)
     if fc7.ndim == 2:
         fc7 = fc7[:, :, None, None]
