@@ -1,8 +1,9 @@
 """Entry point: `python main.py --config=configs/gta5.py --workdir=DIR [--config.x=...]`.
 
 Parses flags, validates the config (before anything is compiled) and hands over to the
-library; modes: train, eval, compare, results. Expected failures (a bad config value, bad data, a
-non-finite loss, an interruption) end with one line on stderr, not a traceback.
+library; modes: train, eval, compare, results, predict. Expected failures (a bad config
+value, bad data, a non-finite loss, an interruption) end with one line on stderr, not a
+traceback.
 """
 
 import os
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> None:
 
 def run(config, workdir: str) -> None:
     """Dispatches on config.mode (already validated)."""
-    from metapix_jax import compare, results, train
+    from metapix_jax import compare, predict, results, train
 
     if config.mode == "train":
         train.train_and_evaluate(config, workdir)
@@ -63,6 +64,8 @@ def run(config, workdir: str) -> None:
         compare.run_comparison(config, workdir)
     elif config.mode == "results":
         results.print_results(workdir)
+    elif config.mode == "predict":
+        predict.run_prediction(config, workdir)
 
 
 def fail(message: str, exit_code: int) -> None:

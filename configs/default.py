@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     # What main.py does: 'train' (run the schedule), 'eval' (mIoU of a checkpoint),
     # 'compare' (train and evaluate several methods side by side; the demo uses it),
     # 'results' (a markdown table of every finished run under --workdir, over seeds).
+    # 'predict' (segment image files; export weight maps: see config.predict).
     config.mode = "train"
     # 'metapix' (Algorithm 1), 'direct_joint' (joint training for as many segmenter steps
     # as MetaPix takes), 'target_only' (target images alone, same number of steps), or a
@@ -63,6 +64,12 @@ def get_config() -> ml_collections.ConfigDict:
     model.split_block = 1  # The first k VGG blocks have a source and a target copy (0..5).
     model.dropout = 0.5  # Channel dropout after fc6 and fc7.
     model.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); params stay float32.
+
+    # ---- initialisation -----------------------------------------------------------------
+    config.init = init = ml_collections.ConfigDict()
+    # ImageNet VGG-16 weights for the segmenter: torchvision's vgg16-*.pth or timm's
+    # vgg16.tv_in1k model.safetensors (needs model.width=1.0); '' = random init.
+    init.vgg16 = ""
 
     # ---- weighting network f_phi: U-Net ----------------------------------------------
     config.weighting = weighting = ml_collections.ConfigDict()
@@ -123,7 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 2000  # Periodic checkpoints (phase ends are always kept).
     config.keep_periodic = 2  # Periodic checkpoints kept besides the phase-end ones.
     config.eval_at_phase_end = True  # mIoU on the target eval split after every phase.
-    config.eval_checkpoint = -1  # Eval mode: the schedule position to evaluate (-1 = latest).
+    config.eval_checkpoint = -1  # Eval/predict: the checkpoint's position (-1 = latest).
 
     # ---- faults ------------------------------------------------------------------------------
     # A step whose loss or gradient is not finite: 'stop' (error; the last checkpoint is kept)
@@ -131,4 +138,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.nonfinite = "stop"
     # Continue a workdir whose config.json differs in a field that changes training.
     config.allow_config_change = False
+
+    # ---- predict mode ---------------------------------------------------------------------
+    config.predict = predict = ml_collections.ConfigDict()
+    predict.input = ""  # Images to segment: a folder (searched recursively) or a glob.
+    predict.output = ""  # Where the PNGs go ('' = WORKDIR/predict).
+    predict.overlay = 0.0  # > 0: also <name>_overlay.png, the colours at this opacity (<= 1).
+    predict.train_ids = False  # Also write <name>_trainIds.png (raw train ids, 255 = none).
+    predict.weights_for = ""  # 'source': also write U-Net weight maps (paper Fig. 3).
+    predict.num_weight_images = 10  # How many source images (the first) get weight maps.
     return config

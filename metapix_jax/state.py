@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from metapix_jax.models import pretrained
 from metapix_jax.models.fcn8s import FCN8s
 from metapix_jax.models.unet import WeightingUNet
 
@@ -140,6 +141,17 @@ def init_segmenter_params(config: ml_collections.ConfigDict, key: jax.Array) -> 
     return make_segmenter(config).init(key, image, image)["params"]
 
 
+def initial_segmenter_params(config: ml_collections.ConfigDict, key: jax.Array) -> PyTree:
+    """ImageNet VGG-16 (config.init.vgg16) or random params for the segmenter.
+
+    The import replaces every layer, so its template is only shapes (no random init).
+    """
+    if not config.init.vgg16:
+        return init_segmenter_params(config, key)
+    template = jax.eval_shape(lambda k: init_segmenter_params(config, k), key)
+    return pretrained.load_vgg16(config.init.vgg16, template, config.model.width)
+
+
 def init_weighting_params(config: ml_collections.ConfigDict, key: jax.Array) -> PyTree:
     """Fresh U-Net params (Algorithm 1, line 4)."""
     image, label = _dummy_inputs(config)
@@ -154,7 +166,7 @@ def unet_key(rng: jax.Array, generation: int) -> jax.Array:
 def init_state(config: ml_collections.ConfigDict) -> TrainState:
     """The state at position 0 of the schedule."""
     rng = jax.random.PRNGKey(config.seed)
-    params = init_segmenter_params(config, jax.random.fold_in(rng, 0))
+    params = initial_segmenter_params(config, jax.random.fold_in(rng, 0))
     unet_params = init_weighting_params(config, unet_key(rng, 0))
     return TrainState(
         params=params,

@@ -18,7 +18,7 @@ from metapix_jax import checkpoints, losses, schedule
 from metapix_jax.data import labels, pipeline, synthetic
 from metapix_jax.state import DTYPES
 
-MODES = ("train", "eval", "compare", "results")
+MODES = ("train", "eval", "compare", "results", "predict")
 WEIGHTING_KINDS = ("w1", "w19")  # models/unet.py
 INNER_OPTIMIZERS = ("sgd", "adam")  # state.inner_optimizer
 FC6_PADDINGS = ("VALID", "SAME")
@@ -178,7 +178,7 @@ def schedule_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     """An empty schedule, or a method with nothing to compare."""
     s = config.schedule
     lengths = (s.joint_steps, s.meta_steps, s.weighted_steps, s.generations)
-    if config.mode != "eval" and all(_integer(n) and n >= 0 for n in lengths):
+    if config.mode in ("train", "compare") and all(_integer(n) and n >= 0 for n in lengths):
         if config.method in schedule.METHODS and schedule.total_positions(config) == 0:
             yield (
                 "config.schedule: the schedule has no steps (joint_steps, generations x "
@@ -204,6 +204,8 @@ def device_problems(config: ml_collections.ConfigDict, devices: int) -> Iterator
 def data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     """Real data needs its roots; the synthetic benchmark needs a valid label convention."""
     d = config.data
+    if config.mode == "results" or (config.mode == "predict" and not config.predict.weights_for):
+        return  # These modes read no dataset.
     if d.synthetic:
         yield from confusion_problems(d.synthetic_confusions)
         return
@@ -232,13 +234,13 @@ def confusion_problems(text: Any) -> Iterator[str]:
 
 
 def checkpoint_problems(config: ml_collections.ConfigDict, workdir: str) -> Iterator[str]:
-    """Eval needs something to evaluate."""
-    if config.mode != "eval":
+    """Eval and predict need something to evaluate."""
+    if config.mode not in ("eval", "predict"):
         return
     folder = checkpoints.checkpoint_dir(workdir)
     if not checkpoints.finished_positions(workdir):
         yield (
-            f"config.mode='eval': no checkpoint in {folder}: train first (mode=train) or "
+            f"config.mode={config.mode!r}: no checkpoint in {folder}: train first (mode=train) or "
             "point --workdir at a trained run"
         )
 

@@ -1,0 +1,232 @@
+"""Predict mode: segment image files with a trained checkpoint; export the U-Net's weights.
+
+Each image is resized to the network's height x width, segmented by the target branch
+(the test-time model), and its logits are upsampled (bilinear, align corners, as the
+decoder) back to the image's own size before the argmax. Outputs, per input image:
+`<name>_color.png` (Cityscapes palette), optionally `<name>_overlay.png` (the colours
+blended over the image) and `<name>_trainIds.png` (raw train ids). Outputs mirror the
+inputs' folders below their common folder.
+
+`predict.weights_for='source'` also writes the weight maps of the first source images
+(paper Fig. 3): grey PNGs, white = weight 1. W19 shows the weight of each pixel's
+labeled class; unlabeled pixels are black.
+"""
+
+import functools
+import glob
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from metapix_jax import checkpoints, parallel
+from metapix_jax import state as state_lib
+from metapix_jax.data import labels, pipeline, sources
+from metapix_jax.models.resize import resize_bilinear_align_corners
+from metapix_jax.state import TrainState
+from metapix_jax.steps import Steps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+WEIGHTS_FOR = ("", "source")
+
+
+def find_images(pattern: str) -> list[str]:
+    """Image files in a folder (recursively) or matching a glob, sorted."""
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "**", "*")
+    found = sorted(
+        p
+        for p in glob.glob(pattern, recursive=True)
+        if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"predict.input={pattern!r} matched no images (extensions {IMAGE_EXTENSIONS})"
+        )
+    return found
+
+
+def output_stems(paths: list[str], output: str) -> list[str]:
+    """OUTPUT/<path relative to the inputs' common folder, without extension>."""
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return [
+        os.path.join(output, os.path.splitext(os.path.relpath(os.path.abspath(p), common))[0])
+        for p in paths
+    ]
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """An image file as HxWx3 uint8, or an error naming the file."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise sources.DataError(f"cannot read {path!r}: {e}") from e
+
+
+def network_input(image: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
+    """Resized to data.height x data.width and normalised as in training."""
+    d = config.data
+    dummy = np.zeros(image.shape[:2], np.uint8)
+    x, _ = pipeline.preprocess(image, dummy, (d.height, d.width), False, d.normalization)
+    return x
+
+
+def chunks(items: list, size: int) -> Iterator[tuple[int, list]]:
+    """(start, items[start:start + size]) over the list."""
+    for start in range(0, len(items), size):
+        yield start, items[start : start + size]
+
+
+def stack_padded(arrays: list[np.ndarray], batch_size: int, fill: int = 0) -> np.ndarray:
+    """Stacks and pads to `batch_size` rows: every batch has one shape (one compilation)."""
+    batch = np.stack(arrays)
+    missing = [(0, batch_size - len(arrays))] + [(0, 0)] * (batch.ndim - 1)
+    return np.pad(batch, missing, constant_values=fill)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def labels_at_size(logits: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
+    """Train ids at (height, width) from one image's network-size logits: upsample, argmax."""
+    return jnp.argmax(resize_bilinear_align_corners(logits[None], height, width)[0], axis=-1)
+
+
+def write_png(path: str, array: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def write_prediction(stem: str, image: np.ndarray, ids: np.ndarray, p) -> None:
+    """The colour PNG, and the overlay and train-id PNGs if configured."""
+    color = labels.colorize(ids)
+    write_png(f"{stem}_color.png", color)
+    if p.overlay > 0:
+        blend = (1 - p.overlay) * image.astype(np.float32) + p.overlay * color
+        write_png(f"{stem}_overlay.png", np.clip(np.rint(blend), 0, 255).astype(np.uint8))
+    if p.train_ids:
+        write_png(f"{stem}_trainIds.png", ids)
+
+
+def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> TrainState:
+    """The latest checkpoint (or config.eval_checkpoint's), replicated over the mesh."""
+    manager = checkpoints.make_manager(workdir)
+    if manager.latest_step() is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}: train first "
+            "(mode=train) or point --workdir at a trained run"
+        )
+    template_config = config.copy_and_resolve_references()
+    template_config.init.vgg16 = ""  # The checkpoint replaces the weights: do not read them.
+    template = jax.eval_shape(lambda: state_lib.init_state(template_config))
+    position = None if config.eval_checkpoint < 0 else config.eval_checkpoint
+    state = checkpoints.restore(manager, template, position)
+    manager.close()
+    return parallel.put_replicated(state, mesh)
+
+
+def check_options(config: ml_collections.ConfigDict) -> None:
+    """Errors that name the field, before anything is loaded."""
+    p = config.predict
+    if p.weights_for not in WEIGHTS_FOR:
+        raise ValueError(f"predict.weights_for must be one of {WEIGHTS_FOR}, got {p.weights_for!r}")
+    if not p.input and not p.weights_for:
+        raise ValueError("predict.input is empty: give a folder of images or a glob")
+    if not 0 <= p.overlay <= 1:
+        raise ValueError(f"predict.overlay must be in [0, 1], got {p.overlay}")
+    if jax.process_count() > 1:
+        raise ValueError("predict mode runs in one process; start it without multi-host")
+
+
+def segment_images(config, state: TrainState, steps: Steps, mesh, paths, output: str) -> None:
+    """Writes the PNGs of every image in `paths` under `output`."""
+    batch_size = config.data.eval_batch
+    stems = output_stems(paths, output)
+    for start, chunk in chunks(paths, batch_size):
+        images = [read_rgb(p) for p in chunk]
+        x = stack_padded([network_input(im, config) for im in images], batch_size)
+        logits = steps.predict(state, parallel.to_global({"x": x}, mesh)["x"])
+        for i, image in enumerate(images):
+            ids = np.asarray(labels_at_size(logits[i], *image.shape[:2])).astype(np.uint8)
+            write_prediction(stems[start + i], image, ids, config.predict)
+
+
+def source_label_table(config: ml_collections.ConfigDict) -> np.ndarray:
+    """Label id -> train id of the configured source dataset."""
+    if config.data.get("source_kind", "gta5") == "synthia":
+        return labels.SYNTHIA_ID_TO_TRAIN_ID
+    return labels.CITYSCAPES_ID_TO_TRAIN_ID
+
+
+def labeled_class_weight(weights: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """W1: the map itself. W19: each pixel's weight for its labeled class (0 where unlabeled)."""
+    if weights.ndim == 2:
+        return weights
+    valid = label < weights.shape[-1]
+    safe = np.where(valid, label, 0)
+    return np.where(valid, np.take_along_axis(weights, safe[..., None], -1)[..., 0], 0.0)
+
+
+def grey_at_size(weights: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A [0, 1] map as 8-bit grey at (height, width), bilinear."""
+    resized = Image.fromarray(weights.astype(np.float32), mode="F").resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
+    return np.clip(np.rint(np.asarray(resized) * 255), 0, 255).astype(np.uint8)
+
+
+def export_weights(config, state: TrainState, steps: Steps, mesh, pairs, output: str) -> None:
+    """<output>/<name>_weights.png for each (image, label) pair (paper Fig. 3)."""
+    d = config.data
+    table = source_label_table(config)
+    stems = output_stems([image for image, _ in pairs], output)
+    for start, chunk in chunks(pairs, d.eval_batch):
+        examples = [sources.read_example(image, label, table) for image, label in chunk]
+        inputs = [
+            pipeline.preprocess(im, lab, (d.height, d.width), False, d.normalization)
+            for im, lab in examples
+        ]
+        batch = {
+            "source_image": stack_padded([x for x, _ in inputs], d.eval_batch),
+            "source_label": stack_padded([y for _, y in inputs], d.eval_batch, d.ignore_label),
+        }
+        weights = np.asarray(jax.device_get(steps.weights(state, parallel.to_global(batch, mesh))))
+        for i, (image, _) in enumerate(examples):
+            w = labeled_class_weight(weights[i], inputs[i][1])
+            write_png(f"{stems[start + i]}_weights.png", grey_at_size(w, *image.shape[:2]))
+
+
+def source_pairs(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, str]]:
+    """The first predict.num_weight_images (image, label) pairs of the configured source."""
+    from metapix_jax import train  # The data layout logic lives there (it imports clu).
+
+    pairs = train.load_data(config, workdir).source
+    if not pairs:
+        raise ValueError(
+            f"predict.weights_for='source' needs source images, and method={config.method!r} "
+            "uses none"
+        )
+    return pairs[: config.predict.num_weight_images]
+
+
+def run_prediction(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Predict mode (see the module docstring)."""
+    check_options(config)
+    p = config.predict
+    paths = find_images(p.input) if p.input else []
+    output = p.output or os.path.join(workdir, "predict")
+    mesh = parallel.make_mesh()
+    parallel.check_batch_sizes(config)
+    steps = parallel.make_steps(config, mesh)
+    state = restore_state(config, workdir, mesh)
+    if paths:
+        segment_images(config, state, steps, mesh, paths, output)
+        print(f"predict: {len(paths)} images segmented into {output}", flush=True)
+    if p.weights_for == "source":
+        pairs = source_pairs(config, workdir)
+        weights_dir = os.path.join(output, "source_weights")
+        export_weights(config, state, steps, mesh, pairs, weights_dir)
+        print(f"predict: weight maps of {len(pairs)} source images in {weights_dir}", flush=True)

@@ -1,0 +1,187 @@
+"""Predict mode through main.py on the tiny config: PNGs per input, weight maps, errors.
+
+The checkpoint is written here from a fresh state (training takes minutes on busy
+cores; predict mode only needs some checkpoint), and the predictions are checked
+against the model applied in this process.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import test as test_config
+from metapix_jax import checkpoints, predict
+from metapix_jax import state as state_lib
+from metapix_jax.data import labels, pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = {"a/one.png": (23, 41), "a/b/two.jpg": (16, 32), "three.png": (50, 30)}  # (h, w)
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "main.py", "--config=configs/test.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def checkpointable_state(config):
+    """A state of the right layout without compiling the initialisers (a minute on busy cores).
+
+    Segmenter params random, everything else zero: a zero U-Net gives weight
+    sigmoid(0) = 0.5 at every pixel, which the weight-map test checks exactly.
+    """
+    shapes = jax.eval_shape(lambda: state_lib.init_state(config))
+    rng = np.random.default_rng(0)
+
+    def random(leaf):
+        return (0.3 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+
+    zeros = lambda leaf: np.zeros(leaf.shape, leaf.dtype)  # noqa: E731
+    return shapes.replace(
+        params=jax.tree.map(random, shapes.params),
+        opt_state=jax.tree.map(zeros, shapes.opt_state),
+        unet_params=jax.tree.map(zeros, shapes.unet_params),
+        unet_opt_state=jax.tree.map(zeros, shapes.unet_opt_state),
+        rng=zeros(shapes.rng),
+        step=zeros(shapes.step),
+        position=np.array(7, shapes.position.dtype),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir with a checkpoint of the tiny config's metapix state."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = test_config.get_config()
+    state = checkpointable_state(config)
+    manager = checkpoints.make_manager(workdir)
+    checkpoints.save(manager, state)
+    manager.close()
+    return workdir, config, state
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name, (h, w) in SIZES.items():
+        os.makedirs(os.path.dirname(folder / name), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def predicted(trained, inputs, tmp_path_factory):
+    workdir, _, _ = trained
+    out = str(tmp_path_factory.mktemp("out"))
+    proc = run_main(
+        f"--workdir={workdir}",
+        "--config.mode=predict",
+        f"--config.predict.input={inputs}",
+        f"--config.predict.output={out}",
+        "--config.predict.overlay=0.5",
+        "--config.predict.train_ids=True",
+        "--config.predict.weights_for=source",
+        "--config.predict.num_weight_images=3",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def read(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_one_palette_png_per_input_at_its_size(predicted, inputs):
+    colors = sorted(
+        os.path.relpath(os.path.join(d, f), predicted)
+        for d, _, files in os.walk(predicted)
+        for f in files
+        if f.endswith("_color.png")
+    )
+    assert colors == sorted(os.path.splitext(n)[0] + "_color.png" for n in SIZES)
+    palette = {tuple(c) for c in labels.PALETTE.tolist()}
+    for name, (h, w) in SIZES.items():
+        stem = os.path.join(predicted, os.path.splitext(name)[0])
+        color = read(f"{stem}_color.png")
+        assert color.shape == (h, w, 3), name
+        assert {tuple(c) for c in color.reshape(-1, 3).tolist()} <= palette, name
+        ids = read(f"{stem}_trainIds.png")
+        assert ids.shape == (h, w) and ids.max() < 19
+        np.testing.assert_array_equal(labels.colorize(ids), color)
+        image = np.asarray(Image.open(os.path.join(inputs, name)).convert("RGB"), np.float32)
+        overlay = read(f"{stem}_overlay.png").astype(np.float32)
+        np.testing.assert_allclose(overlay, 0.5 * image + 0.5 * color, atol=0.51)
+
+
+def test_predictions_are_the_target_branch_argmax(predicted, inputs, trained):
+    """An image already at the network size: no resize, so the ids are the model's argmax."""
+    _, config, state = trained
+    image = np.asarray(Image.open(os.path.join(inputs, "a/b/two.jpg")).convert("RGB"))
+    x, _ = pipeline.preprocess(image, image[..., 0], None, False, config.data.normalization)
+    model = state_lib.make_segmenter(config)
+    _, logits = jax.jit(lambda p, x: model.apply({"params": p}, None, x))(state.params, x[None])
+    expected = np.argmax(np.asarray(logits[0]), -1)
+    got = read(os.path.join(predicted, "a/b/two_trainIds.png"))
+    assert np.mean(got == expected) > 0.99  # Ties and float noise may flip a stray pixel.
+
+
+def test_weight_maps_of_the_first_source_images(predicted, trained):
+    workdir, _, _ = trained
+    written = sorted(os.listdir(os.path.join(predicted, "source_weights")))
+    assert written == ["00001_weights.png", "00002_weights.png", "00003_weights.png"]
+    source = os.path.join(workdir, "benchmark", "gta5", "images")
+    for name in written:
+        weights = Image.open(os.path.join(predicted, "source_weights", name))
+        assert weights.mode == "L"
+        image = Image.open(os.path.join(source, name.replace("_weights", "")))
+        assert weights.size == image.size
+        # The zero U-Net's weight 0.5 everywhere: rint(0.5 * 255) = 128.
+        assert np.all(np.asarray(weights) == 128)
+
+
+def test_w19_maps_show_the_labeled_class_weight():
+    weights = np.arange(2 * 3 * 19, dtype=np.float32).reshape(2, 3, 19) / 200
+    label = np.array([[0, 5, 255], [18, 1, 19]])
+    expected = np.array([[0, 19 + 5, 0], [3 * 19 + 18, 4 * 19 + 1, 0]]) / 200
+    np.testing.assert_allclose(predict.labeled_class_weight(weights, label), expected)
+    w1 = weights[..., 0]
+    np.testing.assert_array_equal(predict.labeled_class_weight(w1, label), w1)
+
+
+def test_no_images_matched_is_a_clear_error(trained, tmp_path):
+    workdir, config, _ = trained
+    config = config.copy_and_resolve_references()
+    config.predict.input = str(tmp_path / "*.png")
+    with pytest.raises(FileNotFoundError, match="matched no images"):
+        predict.run_prediction(config, workdir)
+
+
+def test_no_checkpoint_is_a_clear_error(inputs, tmp_path):
+    config = test_config.get_config()
+    config.predict.input = inputs
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        predict.run_prediction(config, str(tmp_path))
+
+
+def test_bad_options_name_the_field(trained):
+    workdir, config, _ = trained
+    config = config.copy_and_resolve_references()
+    config.predict.weights_for = "target"
+    with pytest.raises(ValueError, match="predict.weights_for must be one of"):
+        predict.run_prediction(config, workdir)
+    config.predict.weights_for = ""
+    with pytest.raises(ValueError, match="predict.input is empty"):
+        predict.run_prediction(config, workdir)
