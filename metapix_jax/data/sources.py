@@ -1,10 +1,12 @@
-"""On-disk dataset layouts (GTA5, Cityscapes) and reading one example.
+"""On-disk dataset layouts (GTA5, SYNTHIA, Cityscapes), list files and reading one example.
 
 The same functions read the real datasets and the embedded synthetic benchmark, which is
 written in the same layouts, so the benchmark exercises the real loading path.
 """
 
+import dataclasses
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -56,6 +58,39 @@ def gta5_pairs(root: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def synthia_pairs(root: str) -> list[tuple[str, str]]:
+    """(image, label) paths of SYNTHIA-RAND-CITYSCAPES: root/RGB/X.png with root/GT/LABELS/X.png.
+
+    The labels are 16-bit PNGs with the class id in the first channel (`read_example` takes it).
+    """
+    layout = "SYNTHIA-RAND-CITYSCAPES (RGB/*.png, GT/LABELS/*.png)"
+    images = _require_dir(root, "RGB", layout)
+    labels = _require_dir(root, os.path.join("GT", "LABELS"), layout)
+    pairs = []
+    for name in sorted(os.listdir(images)):
+        if not name.endswith(".png"):
+            continue
+        label = os.path.join(labels, name)
+        if not os.path.isfile(label):
+            raise DataError(f"image {os.path.join(images, name)!r} has no label {label!r}")
+        pairs.append((os.path.join(images, name), label))
+    if not pairs:
+        raise DataError(f"no .png images in {images!r}")
+    return pairs
+
+
+SOURCE_KINDS = ("gta5", "synthia")
+
+
+def source_pairs(kind: str, root: str) -> list[tuple[str, str]]:
+    """The (image, label) paths of a source dataset of layout `kind` (config data.source_kind)."""
+    if kind == "gta5":
+        return gta5_pairs(root)
+    if kind == "synthia":
+        return synthia_pairs(root)
+    raise ValueError(f"config data.source_kind must be one of {SOURCE_KINDS}, got {kind!r}")
+
+
 def cityscapes_pairs(root: str, split: str) -> list[tuple[str, str]]:
     """(image, labelIds) paths of one Cityscapes split, sorted by city then frame."""
     layout = "Cityscapes (leftImg8bit/{split}/{city}/*_leftImg8bit.png, gtFine/...)"
@@ -79,6 +114,54 @@ def cityscapes_pairs(root: str, split: str) -> list[tuple[str, str]]:
     if not pairs:
         raise DataError(f"split {split!r} of {root!r} is empty: no *{suffix} under {images!r}")
     return pairs
+
+
+def read_list(list_file: str) -> list[tuple[int, str]]:
+    """(line number, entry) of a list file: one name or relative path per line; blank lines and
+    lines starting with '#' are skipped."""
+    try:
+        with open(list_file) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read list file {list_file!r}: {e}") from e
+    entries = [(i + 1, line.strip()) for i, line in enumerate(lines)]
+    return [(n, e) for n, e in entries if e and not e.startswith("#")]
+
+
+def _names_of(image_path: str, root: str) -> list[str]:
+    """The spellings a list file may use for an image: its path relative to the dataset root,
+    to each folder between (e.g. leftImg8bit/train/), or its bare file name."""
+    rel = os.path.relpath(image_path, root).replace(os.sep, "/")
+    parts = rel.split("/")
+    return ["/".join(parts[i:]) for i in range(len(parts))]
+
+
+def restrict_to_list(
+    pairs: Sequence[tuple[str, str]], root: str, list_file: str
+) -> list[tuple[str, str]]:
+    """The pairs named in `list_file`, in the list's order ('' = all pairs, unchanged).
+
+    An entry matches an image by its path relative to `root` or any of its trailing parts
+    (so `00001.png`, `aachen/aachen_000000_000019_leftImg8bit.png` and the full relative path
+    all work). An entry that matches no image is an error naming the list file and line.
+    """
+    if not list_file:
+        return list(pairs)
+    index = {}
+    for pair in pairs:
+        for name in _names_of(pair[0], root):
+            index.setdefault(name, pair)
+    chosen = []
+    for line_number, entry in read_list(list_file):
+        pair = index.get(entry.replace(os.sep, "/").removeprefix("./"))
+        if pair is None:
+            raise DataError(
+                f"{list_file}:{line_number}: {entry!r} is not an image of the dataset at {root!r}"
+            )
+        chosen.append(pair)
+    if not chosen:
+        raise DataError(f"list file {list_file!r} names no image")
+    return chosen
 
 
 def _read_png(path: str, rgb: bool) -> np.ndarray:
@@ -112,6 +195,29 @@ def read_example(
         )
     lut = np.asarray(id_to_train_id)
     return image, lut[np.minimum(ids, len(lut) - 1)].astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PngExamples:
+    """Random access to the examples of a list of (image, label) PNG pairs.
+
+    The pipelines read every dataset through this small interface (`len`, `read`, `name`), so
+    PNG folders, prepared array_record files and TFDS go through the same stream code.
+    """
+
+    pairs: tuple[tuple[str, str], ...]
+    id_to_train_id: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 HxWx3 image and uint8 HxW train ids at the native size."""
+        return read_example(*self.pairs[index], self.id_to_train_id)
+
+    def name(self, index: int) -> str:
+        """The image file, for messages."""
+        return self.pairs[index][0]
 
 
 def read_mask(path: str) -> np.ndarray:
