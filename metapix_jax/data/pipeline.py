@@ -101,10 +101,25 @@ def read_or_replace(
         return example
     raise sources.DataError(f"no readable example at all (first bad one: {first_error})")
 
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 CAFFE_MEAN_BGR = np.array([104.00698793, 116.66876762, 122.67891434], dtype=np.float32)
 NORMALIZATIONS = ("imagenet", "caffe")
+
+
+def resize(
+    image: np.ndarray, label: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 image (bicubic) and label (nearest) resized to `size` (height, width) with PIL.
+
+    The one resize of the project: `prepare` stores its output, so prepared data and PNGs
+    give identical batches.
+    """
+    wh = (size[1], size[0])
+    image = np.asarray(Image.fromarray(image).resize(wh, Image.Resampling.BICUBIC))
+    label = np.asarray(Image.fromarray(label).resize(wh, Image.Resampling.NEAREST))
+    return image, label
 
 
 def preprocess(
@@ -124,10 +139,8 @@ def preprocess(
     Returns float32 HxWx3 and int32 HxW.
     """
     if size is not None and tuple(image.shape[:2]) != tuple(size):
-        wh = (size[1], size[0])
-        image = np.asarray(Image.fromarray(image).resize(wh, Image.Resampling.BICUBIC))
-        if resize_label:
-            label = np.asarray(Image.fromarray(label).resize(wh, Image.Resampling.NEAREST))
+        image, resized_label = resize(image, label, size)
+        label = resized_label if resize_label else label
     if flip:
         image, label = image[:, ::-1], label[:, ::-1]
     x = image.astype(np.float32)
@@ -171,9 +184,14 @@ def _train_example(
 
 
 def _to_batches(ds: grain.MapDataset, rows: int, num_threads: int, num_workers: int):
-    """Threads (or worker processes) decode; batches of `rows` in stream order."""
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * rows)
-    batched = ds.to_iter_dataset(options).batch(rows)
+    """Batches of `rows` in stream order, read ahead by threads (or worker processes).
+
+    Batching comes before `to_iter_dataset` so each thread or worker builds whole batches:
+    grain's workers take every num_workers-th element, and must take whole batches for the
+    stream to be the same with and without them.
+    """
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, num_threads))
+    batched = ds.batch(rows).to_iter_dataset(options)
     if num_workers > 0:
         batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return batched
