@@ -62,7 +62,10 @@ _bad_files: dict[str, int] = {}
 
 
 def bad_file_count() -> int:
-    """How many bad examples this process replaced so far (worker processes count their own)."""
+    """How many bad examples this process replaced so far.
+
+    Counts reads, including read-ahead that was never consumed; worker processes count their own.
+    """
     with _bad_lock:
         return sum(_bad_files.values())
 

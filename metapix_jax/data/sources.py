@@ -164,8 +164,30 @@ def restrict_to_list(
     return chosen
 
 
+def _is_16bit_color_png(path: str) -> bool:
+    """True for 16-bit RGB(A) PNGs (SYNTHIA labels), which PIL would cut to their high bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError as e:
+        raise DataError(f"cannot read {path!r}: {e}") from e
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] in (2, 6)
+
+
+def _read_png_16bit(path: str) -> np.ndarray:
+    """A 16-bit colour PNG as uint16 HxWxC in file channel order (R first), with OpenCV."""
+    import cv2  # Only SYNTHIA's labels need it.
+
+    array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if array is None or array.dtype != np.uint16 or array.ndim != 3:
+        raise DataError(f"cannot read {path!r} as a 16-bit colour PNG")
+    return array[..., [2, 1, 0, 3][: array.shape[-1]]]  # OpenCV's BGR(A) -> RGB(A).
+
+
 def _read_png(path: str, rgb: bool) -> np.ndarray:
     """Decode an image fully (so truncation is detected now), raising DataError naming the file."""
+    if not rgb and _is_16bit_color_png(path):
+        return _read_png_16bit(path)
     try:
         with Image.open(path) as im:
             im.load()
