@@ -154,6 +154,8 @@ def test_prepared_records_give_the_same_batches_as_pngs(tmp_path) -> None:
     for a, b in zip(_batches(pngs, 6), _batches(prepared, 6), strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
+    single = _batches(prepared, 3, batch_size=1, start_step=2)  # the paper's batch of 1
+    np.testing.assert_array_equal(single[2]["label"][0], _batches(pngs, 3)[2]["label"][0])
     resumed = _batches(prepared, 2, start_step=4)
     np.testing.assert_array_equal(resumed[1]["label"], _batches(pngs, 6)[5]["label"])
     with pytest.raises(sources.DataError, match="meta.json.*8x4.*16x8"):

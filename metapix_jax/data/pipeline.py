@@ -248,7 +248,9 @@ def train_batches(
         size=size,
         normalization=normalization,
     )
-    ds = grain.MapDataset.range(len(examples)).shuffle(seed=_shuffle_seed(seed)).repeat()
+    # Endless in practice; a finite epoch count keeps every length (after batching) an index.
+    epochs = max(1, 2**48 // len(examples))
+    ds = grain.MapDataset.range(len(examples)).shuffle(seed=_shuffle_seed(seed)).repeat(epochs)
     ds = ds.map_with_index(load)  # index = global stream position (after shuffle and repeat).
     ds = ds[start_step * batch_size + shard_index :: shard_count]
     return iter(_to_batches(ds, batch_size // shard_count, num_threads, num_workers))
