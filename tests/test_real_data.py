@@ -205,7 +205,8 @@ def test_unknown_ids_map_to_ignore_and_bad_files_are_replaced(tmp_path, caplog) 
 
 
 def test_tfds_cityscapes_source_maps_label_ids() -> None:
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds  # pinned in requirements.txt
+
     from metapix_jax.data import tfds_source
 
     with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -222,3 +223,38 @@ def test_tfds_cityscapes_source_maps_label_ids() -> None:
             )
         )
         assert batch["image"].shape == (2, 8, 16, 3) and batch["label"].shape == (2, 1024, 2048)
+
+
+def test_load_data_and_streams_follow_the_config(tmp_path) -> None:
+    from configs import test as test_config
+    from metapix_jax import train
+
+    _synthia(f"{tmp_path}/syn", n=3)
+    _cityscapes(f"{tmp_path}/cs", "train", ["bonn_000000_000019", "aachen_000001_000019"])
+    _cityscapes(f"{tmp_path}/cs", "val", ["bonn_000002_000019"])
+    config = test_config.get_config()
+    d = config.data
+    d.synthetic, d.source_kind = False, "synthia"
+    d.source_root, d.target_root = f"{tmp_path}/syn", f"{tmp_path}/cs"
+    d.height, d.width, d.source_batch = 6, 10, 1
+    with open(f"{tmp_path}/val.txt", "w") as f:
+        f.write("bonn/bonn_000002_000019_leftImg8bit.png\n")
+    d.target_eval_list = f"{tmp_path}/val.txt"
+    data = train.load_data(config, str(tmp_path))
+    assert len(data.source) == 3 and len(data.target_train) == 2 and len(data.target_eval) == 1
+    labels_seen = next(train.train_stream(config, data.source, "source", 0))["label"][0]
+    expected = [_expected(np.roll(SYN_IDS, i, axis=1), SYN_REF) for i in range(3)]
+    assert any(np.array_equal(labels_seen, e) for e in expected)  # read with the SYNTHIA table
+    prepare.write_prepared(
+        sources.PngExamples(tuple(data.source), prepare.source_id_table("synthia")),
+        f"{tmp_path}/prep",
+        (6, 10),
+    )
+    d.source_prepared = f"{tmp_path}/prep"
+    prepared = train.load_data(config, str(tmp_path)).source
+    assert isinstance(prepared, prepare.PreparedExamples)
+    first = next(train.train_stream(config, prepared, "source", 0))["label"][0]
+    np.testing.assert_array_equal(first, labels_seen)
+    d.target_format = "folders"
+    with pytest.raises(ValueError, match="target_format.*folder.*tfds"):
+        train.load_data(config, str(tmp_path))
