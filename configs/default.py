@@ -42,6 +42,20 @@ def get_config() -> ml_collections.ConfigDict:
     data.target_flip = True  # Random horizontal flip of target training images.
     data.normalization = "imagenet"  # 'imagenet' (RGB, mean/std) or 'caffe' (BGR - mean).
     data.num_threads = 4  # Decoding threads per input stream.
+    data.num_workers = 0  # Decoding processes per training stream (grain mp_prefetch; 0 = none).
+    data.source_kind = (
+        "gta5"  # Source layout: 'gta5' (images/, labels/) or 'synthia' (RGB/, GT/LABELS/).
+    )
+    data.source_list = ""  # File naming the source images to use, one per line ('' = all).
+    data.target_train_list = ""  # Same for the target train split ('' = all).
+    data.target_eval_list = ""  # Same for the target eval split ('' = all).
+    # 'full': official Cityscapes (logits upsampled to the native label size, labels never
+    # resized); 'resized': the authors' (labels nearest-resized to height x width).
+    data.eval_protocol = "full"
+    data.target_format = "folder"  # Target read from 'folder' (target_root) or 'tfds' (cityscapes).
+    data.tfds_data_dir = ""  # tensorflow-datasets data_dir for target_format='tfds' ('' = default).
+    data.source_prepared = ""  # Prepared array_record dir (metapix_jax.data.prepare); '' = PNGs.
+    data.skip_bad_files = False  # Replace an unreadable example by the next readable one (logged).
     # The embedded synthetic benchmark: when true, it is generated (once, by seed) under
     # synthetic_root and source_root/target_root point into it (see configs/demo.py).
     data.synthetic = False

@@ -28,6 +28,21 @@ def mean_iou(confusion: np.ndarray) -> float:
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
 
+# The SYNTHIA -> Cityscapes convention of the field: SYNTHIA has no terrain, truck or train,
+# so mIoU is reported over the other 16 classes, and over 13 (also without wall, fence and
+# pole). The MetaPix paper (Table 2) does not list the classes; these are the train ids of
+# the evaluation code shared by the UDA literature it compares with (e.g. FDA's and
+# ProDA's `synthia_set_16` / `synthia_set_13`).
+SYNTHIA_16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
+SYNTHIA_13 = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
+
+
+def subset_mean_iou(confusion: np.ndarray, classes: Sequence[int]) -> float:
+    """nanmean of the 19-class IoUs of `classes` (IoUs from the full confusion matrix)."""
+    iou = iou_per_class(confusion)[list(classes)]
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+
 def summarize(confusion: np.ndarray, class_names: Sequence[str]) -> dict:
     """A JSON-ready result: mIoU, per-class IoU by name (None where undefined), pixel acc."""
     iou = iou_per_class(confusion)

@@ -156,7 +156,7 @@ def segment_images(config, state: TrainState, steps: Steps, mesh, paths, output:
 
 def source_label_table(config: ml_collections.ConfigDict) -> np.ndarray:
     """Label id -> train id of the configured source dataset."""
-    if config.data.get("source_kind", "gta5") == "synthia":
+    if config.data.source_kind == "synthia":
         return labels.SYNTHIA_ID_TO_TRAIN_ID
     return labels.CITYSCAPES_ID_TO_TRAIN_ID
 

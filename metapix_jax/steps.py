@@ -18,6 +18,7 @@ import optax
 
 from metapix_jax import fda, losses
 from metapix_jax.models.fcn8s import FCN8s
+from metapix_jax.models.resize import resize_bilinear_align_corners
 from metapix_jax.models.unet import WeightingUNet
 from metapix_jax.state import TrainState
 
@@ -173,8 +174,13 @@ def predict(state: TrainState, images: jnp.ndarray, *, model: FCN8s) -> jnp.ndar
 def eval_step(
     state: TrainState, batch: Batch, *, model: FCN8s, config: ml_collections.ConfigDict
 ) -> jnp.ndarray:
-    """Confusion-matrix counts of one target batch, to be summed over the eval set."""
+    """Confusion-matrix counts of one target batch, to be summed over the eval set.
+
+    Labels larger than the images (data.eval_protocol='full') get the logits upsampled
+    bilinearly (align corners, as the authors' code) to their size: the official protocol.
+    """
     logits = predict(state, batch["image"], model=model)
+    logits = resize_bilinear_align_corners(logits, *batch["label"].shape[1:3])
     predictions = jnp.argmax(logits, axis=-1)
     return confusion_matrix(
         batch["label"], predictions, config.data.num_classes, config.data.ignore_label

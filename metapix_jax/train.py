@@ -22,7 +22,7 @@ from clu import metric_writers, metrics
 
 from metapix_jax import checkpoints, evaluate, nonfinite, parallel, schedule, validation
 from metapix_jax import state as state_lib
-from metapix_jax.data import labels, pipeline, sources, synthetic
+from metapix_jax.data import labels, pipeline, prepare, sources, synthetic
 from metapix_jax.state import TrainState
 from metapix_jax.steps import Steps
 
@@ -68,13 +68,37 @@ def data_roots(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, st
     return config.data.source_root, config.data.target_root
 
 
+def target_examples(config: ml_collections.ConfigDict, target_root: str, split: str, list_file):
+    """One target split: Cityscapes folder pairs (restricted to the list file) or TFDS."""
+    d = config.data
+    if d.target_format == "tfds":
+        from metapix_jax.data import tfds_source  # Imports TensorFlow: only when chosen.
+
+        return tfds_source.TfdsExamples(split, d.tfds_data_dir)
+    if d.target_format != "folder":
+        raise ValueError(f"data.target_format must be 'folder' or 'tfds', got {d.target_format!r}")
+    pairs = sources.cityscapes_pairs(target_root, split)
+    return sources.restrict_to_list(pairs, target_root, list_file)
+
+
+def source_examples(config: ml_collections.ConfigDict, source_root: str):
+    """The source dataset: prepared array_record if configured, else the layout's PNG pairs."""
+    d = config.data
+    if d.source_prepared:
+        return prepare.PreparedExamples(d.source_prepared, (d.height, d.width))
+    pairs = sources.source_pairs(d.source_kind, source_root)
+    return sources.restrict_to_list(pairs, source_root, d.source_list)
+
+
 def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     source_root, target_root = data_roots(config, workdir)
     d = config.data
     return Data(
-        source=sources.gta5_pairs(source_root) if schedule.needs_source(config) else [],
-        target_train=sources.cityscapes_pairs(target_root, d.target_train_split),
-        target_eval=sources.cityscapes_pairs(target_root, d.target_eval_split),
+        source=source_examples(config, source_root) if schedule.needs_source(config) else [],
+        target_train=target_examples(
+            config, target_root, d.target_train_split, d.target_train_list
+        ),
+        target_eval=target_examples(config, target_root, d.target_eval_split, d.target_eval_list),
     )
 
 
@@ -85,7 +109,9 @@ def train_stream(
     d = config.data
     return pipeline.train_batches(
         pairs,
-        labels.CITYSCAPES_ID_TO_TRAIN_ID,
+        prepare.source_id_table(d.source_kind)
+        if domain == "source"
+        else labels.CITYSCAPES_ID_TO_TRAIN_ID,
         batch_size=d.source_batch if domain == "source" else d.target_batch,
         size=(d.height, d.width),
         seed=config.seed + (0 if domain == "source" else 1),
@@ -95,6 +121,8 @@ def train_stream(
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
         num_threads=d.num_threads,
+        num_workers=d.num_workers,
+        skip_bad=d.skip_bad_files,
     )
 
 
@@ -108,6 +136,8 @@ def eval_stream(config: ml_collections.ConfigDict, pairs) -> Iterator[dict[str, 
         size=(d.height, d.width),
         normalization=d.normalization,
         num_threads=d.num_threads,
+        protocol=d.eval_protocol,
+        skip_bad=d.skip_bad_files,
     )
     share = d.eval_batch // jax.process_count()
     start = jax.process_index() * share
@@ -340,9 +370,13 @@ def run_evaluation(
         "position": position,
         "segmenter_steps": int(state.step),
         "eval_split": config.data.target_eval_split,
+        "eval_protocol": config.data.eval_protocol,
         **evaluate.summarize(confusion, labels.CLASS_NAMES),
     }
-    scalars = {"eval/miou": result["miou"]}
+    if config.data.source_kind == "synthia":  # The field's 16- and 13-class means.
+        result["miou_16"] = evaluate.subset_mean_iou(confusion, evaluate.SYNTHIA_16)
+        result["miou_13"] = evaluate.subset_mean_iou(confusion, evaluate.SYNTHIA_13)
+    scalars = {f"eval/{k}": result[k] for k in ("miou", "miou_16", "miou_13") if k in result}
     scalars.update(
         {f"eval/iou/{k}": v for k, v in result["per_class_iou"].items() if v is not None}
     )

@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 
 from metapix_jax import checkpoints, losses, schedule
-from metapix_jax.data import labels, pipeline, synthetic
+from metapix_jax.data import labels, pipeline, sources, synthetic
 from metapix_jax.state import DTYPES
 
 MODES = ("train", "eval", "compare", "results", "predict")
@@ -23,6 +23,7 @@ WEIGHTING_KINDS = ("w1", "w19")  # models/unet.py
 INNER_OPTIMIZERS = ("sgd", "adam")  # state.inner_optimizer
 FC6_PADDINGS = ("VALID", "SAME")
 NONFINITE_MODES = ("stop", "skip")
+TARGET_FORMATS = ("folder", "tfds")  # train.target_examples
 MAX_SPLIT_BLOCK = 5  # VGG-16 has five blocks.
 
 # Fields that may change between runs in one workdir: they do not change the trajectory
@@ -108,6 +109,10 @@ def field_rules() -> dict[str, Callable[[Any], str | None]]:
         "data.eval_batch": int_at_least(1),
         "data.normalization": one_of(pipeline.NORMALIZATIONS),
         "data.num_threads": int_at_least(1),
+        "data.num_workers": int_at_least(0),
+        "data.source_kind": one_of(sources.SOURCE_KINDS),
+        "data.eval_protocol": one_of(pipeline.EVAL_PROTOCOLS),
+        "data.target_format": one_of(TARGET_FORMATS),
         "data.synthetic_seed": int_at_least(0),
         "data.synthetic_num_source": int_at_least(1),
         "data.synthetic_num_target_train": int_at_least(1),
@@ -146,6 +151,13 @@ def field_rules() -> dict[str, Callable[[Any], str | None]]:
         "meta.weight_decay": non_negative(),
         "loss.source_normalization": one_of(losses.NORMALIZATIONS),
         "loss.target_normalization": one_of(losses.NORMALIZATIONS),
+        "loss.kind": one_of(losses.LOSS_KINDS),
+        "loss.focal_gamma": non_negative(),
+        "fda.beta": _rule(lambda v: _number(v) and 0 <= v <= 0.5, "in [0, 0.5]"),
+        "minent.weight": non_negative(),
+        "predict.overlay": fraction(closed_top=True),
+        "predict.weights_for": one_of(("", "source")),
+        "predict.num_weight_images": int_at_least(1),
         "log_every": int_at_least(1),
         "image_every": int_at_least(0),
         "checkpoint_every": int_at_least(0),
@@ -209,14 +221,32 @@ def data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     if d.synthetic:
         yield from confusion_problems(d.synthetic_confusions)
         return
-    roots = [("target_root", d.target_root)]
-    if config.method in schedule.METHODS and schedule.needs_source(config):
+    roots = [] if d.target_format == "tfds" else [("target_root", d.target_root)]
+    needs_source = config.method in schedule.METHODS and schedule.needs_source(config)
+    if needs_source and not d.source_prepared:
         roots.insert(0, ("source_root", d.source_root))
     for field, root in roots:
         if not root:
             yield f"config.data.{field} is empty: give the dataset folder (or data.synthetic=True)"
         elif not os.path.isdir(root):
             yield f"config.data.{field}={root!r} is not a directory"
+
+
+def path_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
+    """Optional files and folders that, when given, must exist."""
+    d = config.data
+    given = [
+        ("data.source_list", d.source_list, os.path.isfile),
+        ("data.target_train_list", d.target_train_list, os.path.isfile),
+        ("data.target_eval_list", d.target_eval_list, os.path.isfile),
+        ("data.source_prepared", d.source_prepared, os.path.isdir),
+        ("data.tfds_data_dir", d.tfds_data_dir, os.path.isdir),
+        ("init.vgg16", config.init.vgg16, os.path.isfile),
+    ]
+    for field, path, exists in given:
+        if path and not exists(path):
+            kind = "file" if exists is os.path.isfile else "directory"
+            yield f"config.{field}={path!r} must be an existing {kind}"
 
 
 def confusion_problems(text: Any) -> Iterator[str]:
@@ -260,6 +290,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str, devices: int | Non
         devices = jax.device_count()
     problems += device_problems(config, devices)
     problems += data_problems(config)
+    problems += path_problems(config)
     problems += checkpoint_problems(config, workdir)
     if problems:
         raise ConfigError("\n".join(problems))

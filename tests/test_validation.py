@@ -57,6 +57,18 @@ WRONG = {
     "checkpoint_every": [-1],
     "keep_periodic": [0],
     "eval_checkpoint": [-2],
+    "data.source_kind": ["GTA5", "synthia16", None],
+    "data.eval_protocol": ["official", "1024x512"],
+    "data.target_format": ["tfrecord", "folders"],
+    "data.num_workers": [-1],
+    "loss.kind": ["cross_entropy", "Focal"],
+    "loss.focal_gamma": [-1.0],
+    "fda.beta": [-0.01, 0.9],
+    "minent.weight": [-1e-3],
+    "predict.overlay": [1.5, -0.2],
+    "predict.weights_for": ["target", "sources"],
+    "init.vgg16": ["/nonexistent/vgg16.pth"],
+    "data.source_list": ["/nonexistent/list.txt"],
 }
 
 # Valid but unusual values: must pass.
@@ -72,6 +84,10 @@ UNUSUAL = {
     "data.synthetic_confusions": ["", "*>*", "car>*"],
     "checkpoint_every": [0],
     "image_every": [0],
+    "data.source_kind": ["synthia"],
+    "data.eval_protocol": ["resized"],
+    "loss.kind": ["focal"],
+    "fda.beta": [0.0],
 }
 
 

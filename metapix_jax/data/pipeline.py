@@ -11,20 +11,118 @@ slice `[start_step*B + s :: S]` batched by B/S. Over all processes, local batch 
 global batch k, whatever S is; local row j of process s is position k*B + j*S + s, so a
 global array assembled process-major (as `jax.make_array_from_process_local_data` does)
 holds the same examples as a single-process batch, in a different row order.
+
+Every dataset is read through `Examples` (`len`, `read(i)`, `name(i)`): PNG folders
+(`sources.PngExamples`), prepared array_record files (`prepare.PreparedExamples`) and TFDS
+(`tfds_source.TfdsExamples`) give identical streams for identical examples. Decoding runs in
+grain's threads, or in `num_workers` processes (grain's `mp_prefetch`, which splits the
+batches over the workers and interleaves them back in order, so the stream is unchanged).
+
+Bad files: with `skip_bad=True` an unreadable example i is replaced by the next readable one
+(i+1, i+2, ... in the list), which keeps the stream a pure function of (seed, position); each
+replacement is logged with a warning naming the file, and counted (`bad_file_count`).
 """
 
+import functools
+import threading
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import grain
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from metapix_jax.data import labels, sources
+
+EVAL_PROTOCOLS = ("full", "resized")
+
+
+class Examples(Protocol):
+    """Random access to a dataset's (uint8 image HxWx3, uint8 train ids HxW) examples."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def name(self, index: int) -> str: ...
+
+
+def as_examples(data, id_to_train_id: np.ndarray | None) -> Examples:
+    """`data` itself if it is an `Examples`, else a list of PNG pairs read with the id table."""
+    if hasattr(data, "read") and hasattr(data, "name"):
+        return data
+    if id_to_train_id is None:
+        raise ValueError("a list of (image, label) pairs needs its id -> train id table")
+    return sources.PngExamples(tuple(map(tuple, data)), np.asarray(id_to_train_id))
+
+
+_bad_lock = threading.Lock()
+_bad_files: dict[str, int] = {}
+
+
+def bad_file_count() -> int:
+    """How many bad examples this process replaced so far.
+
+    Counts reads, including read-ahead that was never consumed; worker processes count their own.
+    """
+    with _bad_lock:
+        return sum(_bad_files.values())
+
+
+def _count_bad(name: str, error: Exception, replacement: str) -> None:
+    with _bad_lock:
+        _bad_files[name] = _bad_files.get(name, 0) + 1
+        total = sum(_bad_files.values())
+    logging.warning(
+        "skipping bad file %s (%s); using %s instead (%d replacements so far)",
+        name,
+        error,
+        replacement,
+        total,
+    )
+
+
+def read_or_replace(
+    examples: Examples, index: int, skip_bad: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Example `index`; with `skip_bad`, the next readable one when it cannot be read."""
+    try:
+        return examples.read(index)
+    except sources.DataError as error:
+        if not skip_bad:
+            raise
+        first_error = error
+    n = len(examples)
+    for offset in range(1, n):
+        other = (index + offset) % n
+        try:
+            example = examples.read(other)
+        except sources.DataError:
+            continue
+        _count_bad(examples.name(index), first_error, examples.name(other))
+        return example
+    raise sources.DataError(f"no readable example at all (first bad one: {first_error})")
+
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 CAFFE_MEAN_BGR = np.array([104.00698793, 116.66876762, 122.67891434], dtype=np.float32)
 NORMALIZATIONS = ("imagenet", "caffe")
+
+
+def resize(
+    image: np.ndarray, label: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 image (bicubic) and label (nearest) resized to `size` (height, width) with PIL.
+
+    The one resize of the project: `prepare` stores its output, so prepared data and PNGs
+    give identical batches.
+    """
+    wh = (size[1], size[0])
+    image = np.asarray(Image.fromarray(image).resize(wh, Image.Resampling.BICUBIC))
+    label = np.asarray(Image.fromarray(label).resize(wh, Image.Resampling.NEAREST))
+    return image, label
 
 
 def preprocess(
@@ -33,18 +131,19 @@ def preprocess(
     size: tuple[int, int] | None,
     flip: bool,
     normalization: str,
+    resize_label: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Resize to `size` (height, width), optionally flip, normalise.
 
     Image bicubic, label nearest (so no invented classes), both with PIL as the authors' setup
     does. 'imagenet' matches torchvision VGG weights (RGB/255, mean/std); 'caffe' is what the
-    authors' code feeds (BGR, 0-255, minus the Caffe mean). `size=None` keeps the native size.
+    authors' code feeds (BGR, 0-255, minus the Caffe mean). `size=None` keeps the native size;
+    `resize_label=False` keeps the label at its native size (the official evaluation).
     Returns float32 HxWx3 and int32 HxW.
     """
     if size is not None and tuple(image.shape[:2]) != tuple(size):
-        wh = (size[1], size[0])
-        image = np.asarray(Image.fromarray(image).resize(wh, Image.Resampling.BICUBIC))
-        label = np.asarray(Image.fromarray(label).resize(wh, Image.Resampling.NEAREST))
+        image, resized_label = resize(image, label, size)
+        label = resized_label if resize_label else label
     if flip:
         image, label = image[:, ::-1], label[:, ::-1]
     x = image.astype(np.float32)
@@ -67,9 +166,48 @@ def _flip_of(seed: int, position: int) -> bool:
     return bool(np.random.default_rng([seed, 1, position]).random() < 0.5)
 
 
+def _train_example(
+    position: int,
+    index: int,
+    *,
+    examples: Examples,
+    skip_bad: bool,
+    seed: int,
+    flip: bool,
+    size: tuple[int, int] | None,
+    normalization: str,
+) -> dict[str, np.ndarray]:
+    """Stream position `position` holds example `index`: read, resize, maybe flip, normalise.
+
+    A module-level function (bound with functools.partial) so worker processes can pickle it.
+    """
+    image, label = read_or_replace(examples, index, skip_bad)
+    x, y = preprocess(image, label, size, flip and _flip_of(seed, position), normalization)
+    return {"image": x, "label": y}
+
+
+def _to_batches(ds: grain.MapDataset, rows: int, num_threads: int, num_workers: int):
+    """Batches of `rows` in stream order, read ahead by threads (or worker processes).
+
+    Batching comes before `to_iter_dataset` so each thread or worker builds whole batches:
+    grain's workers take every num_workers-th element, and must take whole batches for the
+    stream to be the same with and without them.
+    """
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, num_threads))
+    batched = ds.batch(rows).to_iter_dataset(options)
+    if num_workers > 0:
+        batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return batched
+
+
+def _check_normalization(normalization: str) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+
 def train_batches(
-    pairs: Sequence[tuple[str, str]],
-    id_to_train_id: np.ndarray,
+    pairs: Sequence[tuple[str, str]] | Examples,
+    id_to_train_id: np.ndarray | None = None,
     *,
     batch_size: int,
     size: tuple[int, int] | None,
@@ -80,66 +218,104 @@ def train_batches(
     shard_index: int = 0,
     shard_count: int = 1,
     num_threads: int = 8,
+    num_workers: int = 0,
+    skip_bad: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless shuffled stream of batches {'image': f32 [b,H,W,3], 'label': i32 [b,H,W]}.
 
+    `pairs` is a list of PNG (image, label) pairs read with `id_to_train_id`, or an `Examples`.
     `batch_size` is the global batch B; this process yields b = B / shard_count rows of each
     global batch (see the module docstring for the scheme). The first batch yielded is global
     batch `start_step`: batch k of a stream started at 0 equals batch k - start_step of a stream
     started at `start_step`, and skipping costs nothing (random access). Decoding runs in
-    `num_threads` threads.
+    `num_threads` threads (in each of `num_workers` processes if > 0).
     """
-    if not pairs:
+    examples = as_examples(pairs, id_to_train_id)
+    if not len(examples):
         raise ValueError("train_batches needs at least one (image, label) pair")
     if not 0 <= shard_index < shard_count or batch_size % shard_count:
         raise ValueError(
             f"need 0 <= shard_index < shard_count dividing batch_size; got {shard_index=}, "
             f"{shard_count=}, {batch_size=}"
         )
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    lut = np.asarray(id_to_train_id)
-
-    def load(position: int, pair: tuple[str, str]) -> dict[str, np.ndarray]:
-        image, label = sources.read_example(pair[0], pair[1], lut)
-        do_flip = flip and _flip_of(seed, position)
-        x, y = preprocess(image, label, size, do_flip, normalization)
-        return {"image": x, "label": y}
-
-    ds = grain.MapDataset.source(list(pairs)).shuffle(seed=_shuffle_seed(seed)).repeat()
+    _check_normalization(normalization)
+    load = functools.partial(
+        _train_example,
+        examples=examples,
+        skip_bad=skip_bad,
+        seed=seed,
+        flip=flip,
+        size=size,
+        normalization=normalization,
+    )
+    # Endless in practice; a finite epoch count keeps every length (after batching) an index.
+    epochs = max(1, 2**48 // len(examples))
+    ds = grain.MapDataset.range(len(examples)).shuffle(seed=_shuffle_seed(seed)).repeat(epochs)
     ds = ds.map_with_index(load)  # index = global stream position (after shuffle and repeat).
     ds = ds[start_step * batch_size + shard_index :: shard_count]
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size)
-    return iter(ds.to_iter_dataset(options).batch(batch_size // shard_count))
+    return iter(_to_batches(ds, batch_size // shard_count, num_threads, num_workers))
+
+
+def _eval_example(
+    index: int,
+    *,
+    examples: Examples,
+    skip_bad: bool,
+    size: tuple[int, int] | None,
+    normalization: str,
+    label_shape: tuple[int, int] | None,
+) -> dict[str, np.ndarray]:
+    """Eval example: image resized to `size`; label resized too, or kept at `label_shape`."""
+    image, label = read_or_replace(examples, index, skip_bad)
+    if label_shape is not None and label.shape != label_shape:
+        raise sources.DataError(
+            f"label of {examples.name(index)!r} is {label.shape[1]}x{label.shape[0]}, but the "
+            f"first eval label is {label_shape[1]}x{label_shape[0]} (width x height): "
+            "data.eval_protocol='full' needs one native label size for the whole eval split "
+            "(use 'resized' to evaluate at data.height x data.width)"
+        )
+    x, y = preprocess(image, label, size, False, normalization, resize_label=label_shape is None)
+    return {"image": x, "label": y}
 
 
 def eval_batches(
-    pairs: Sequence[tuple[str, str]],
-    id_to_train_id: np.ndarray,
+    pairs: Sequence[tuple[str, str]] | Examples,
+    id_to_train_id: np.ndarray | None = None,
     *,
     batch_size: int,
     size: tuple[int, int] | None,
     normalization: str,
     num_threads: int = 8,
+    protocol: str = "resized",
+    skip_bad: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One ordered pass in batches of `batch_size`, no flip.
 
-    The last batch is padded to `batch_size` with zero images and label 255 everywhere, so every
-    batch has one static shape (one compilation) and padding never counts in the metrics.
+    protocol 'resized' (the authors'): images and labels (nearest) at `size`. 'full' (the
+    official Cityscapes protocol): images at `size`, labels at their native size, which must be
+    the same for every example (all Cityscapes val labels are 2048x1024); the eval step
+    upsamples the logits to it. The last batch is padded to `batch_size` with zero images and
+    label 255 everywhere, so every batch has one static shape and padding never counts.
     """
-    if not pairs:
+    examples = as_examples(pairs, id_to_train_id)
+    if not len(examples):
         raise ValueError("eval_batches needs at least one (image, label) pair")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    lut = np.asarray(id_to_train_id)
-
-    def load(pair: tuple[str, str]) -> dict[str, np.ndarray]:
-        x, y = preprocess(*sources.read_example(pair[0], pair[1], lut), size, False, normalization)
-        return {"image": x, "label": y}
-
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size)
-    ds = grain.MapDataset.source(list(pairs)).map(load).to_iter_dataset(options).batch(batch_size)
-    return _padded(iter(ds), batch_size)
+    _check_normalization(normalization)
+    if protocol not in EVAL_PROTOCOLS:
+        raise ValueError(f"data.eval_protocol must be one of {EVAL_PROTOCOLS}, got {protocol!r}")
+    label_shape = None
+    if protocol == "full":
+        label_shape = tuple(read_or_replace(examples, 0, skip_bad)[1].shape)
+    load = functools.partial(
+        _eval_example,
+        examples=examples,
+        skip_bad=skip_bad,
+        size=size,
+        normalization=normalization,
+        label_shape=label_shape,
+    )
+    ds = grain.MapDataset.range(len(examples)).map(load)
+    return _padded(iter(_to_batches(ds, batch_size, num_threads, 0)), batch_size)
 
 
 def _padded(

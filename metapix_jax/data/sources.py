@@ -1,10 +1,12 @@
-"""On-disk dataset layouts (GTA5, Cityscapes) and reading one example.
+"""On-disk dataset layouts (GTA5, SYNTHIA, Cityscapes), list files and reading one example.
 
 The same functions read the real datasets and the embedded synthetic benchmark, which is
 written in the same layouts, so the benchmark exercises the real loading path.
 """
 
+import dataclasses
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -56,6 +58,39 @@ def gta5_pairs(root: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def synthia_pairs(root: str) -> list[tuple[str, str]]:
+    """(image, label) paths of SYNTHIA-RAND-CITYSCAPES: root/RGB/X.png with root/GT/LABELS/X.png.
+
+    The labels are 16-bit PNGs with the class id in the first channel (`read_example` takes it).
+    """
+    layout = "SYNTHIA-RAND-CITYSCAPES (RGB/*.png, GT/LABELS/*.png)"
+    images = _require_dir(root, "RGB", layout)
+    labels = _require_dir(root, os.path.join("GT", "LABELS"), layout)
+    pairs = []
+    for name in sorted(os.listdir(images)):
+        if not name.endswith(".png"):
+            continue
+        label = os.path.join(labels, name)
+        if not os.path.isfile(label):
+            raise DataError(f"image {os.path.join(images, name)!r} has no label {label!r}")
+        pairs.append((os.path.join(images, name), label))
+    if not pairs:
+        raise DataError(f"no .png images in {images!r}")
+    return pairs
+
+
+SOURCE_KINDS = ("gta5", "synthia")
+
+
+def source_pairs(kind: str, root: str) -> list[tuple[str, str]]:
+    """The (image, label) paths of a source dataset of layout `kind` (config data.source_kind)."""
+    if kind == "gta5":
+        return gta5_pairs(root)
+    if kind == "synthia":
+        return synthia_pairs(root)
+    raise ValueError(f"config data.source_kind must be one of {SOURCE_KINDS}, got {kind!r}")
+
+
 def cityscapes_pairs(root: str, split: str) -> list[tuple[str, str]]:
     """(image, labelIds) paths of one Cityscapes split, sorted by city then frame."""
     layout = "Cityscapes (leftImg8bit/{split}/{city}/*_leftImg8bit.png, gtFine/...)"
@@ -81,8 +116,78 @@ def cityscapes_pairs(root: str, split: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def read_list(list_file: str) -> list[tuple[int, str]]:
+    """(line number, entry) of a list file: one name or relative path per line; blank lines and
+    lines starting with '#' are skipped."""
+    try:
+        with open(list_file) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read list file {list_file!r}: {e}") from e
+    entries = [(i + 1, line.strip()) for i, line in enumerate(lines)]
+    return [(n, e) for n, e in entries if e and not e.startswith("#")]
+
+
+def _names_of(image_path: str, root: str) -> list[str]:
+    """The spellings a list file may use for an image: its path relative to the dataset root,
+    to each folder between (e.g. leftImg8bit/train/), or its bare file name."""
+    rel = os.path.relpath(image_path, root).replace(os.sep, "/")
+    parts = rel.split("/")
+    return ["/".join(parts[i:]) for i in range(len(parts))]
+
+
+def restrict_to_list(
+    pairs: Sequence[tuple[str, str]], root: str, list_file: str
+) -> list[tuple[str, str]]:
+    """The pairs named in `list_file`, in the list's order ('' = all pairs, unchanged).
+
+    An entry matches an image by its path relative to `root` or any of its trailing parts
+    (so `00001.png`, `aachen/aachen_000000_000019_leftImg8bit.png` and the full relative path
+    all work). An entry that matches no image is an error naming the list file and line.
+    """
+    if not list_file:
+        return list(pairs)
+    index = {}
+    for pair in pairs:
+        for name in _names_of(pair[0], root):
+            index.setdefault(name, pair)
+    chosen = []
+    for line_number, entry in read_list(list_file):
+        pair = index.get(entry.replace(os.sep, "/").removeprefix("./"))
+        if pair is None:
+            raise DataError(
+                f"{list_file}:{line_number}: {entry!r} is not an image of the dataset at {root!r}"
+            )
+        chosen.append(pair)
+    if not chosen:
+        raise DataError(f"list file {list_file!r} names no image")
+    return chosen
+
+
+def _is_16bit_color_png(path: str) -> bool:
+    """True for 16-bit RGB(A) PNGs (SYNTHIA labels), which PIL would cut to their high bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError as e:
+        raise DataError(f"cannot read {path!r}: {e}") from e
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] in (2, 6)
+
+
+def _read_png_16bit(path: str) -> np.ndarray:
+    """A 16-bit colour PNG as uint16 HxWxC in file channel order (R first), with OpenCV."""
+    import cv2  # Only SYNTHIA's labels need it.
+
+    array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if array is None or array.dtype != np.uint16 or array.ndim != 3:
+        raise DataError(f"cannot read {path!r} as a 16-bit colour PNG")
+    return array[..., [2, 1, 0, 3][: array.shape[-1]]]  # OpenCV's BGR(A) -> RGB(A).
+
+
 def _read_png(path: str, rgb: bool) -> np.ndarray:
     """Decode an image fully (so truncation is detected now), raising DataError naming the file."""
+    if not rgb and _is_16bit_color_png(path):
+        return _read_png_16bit(path)
     try:
         with Image.open(path) as im:
             im.load()
@@ -112,6 +217,29 @@ def read_example(
         )
     lut = np.asarray(id_to_train_id)
     return image, lut[np.minimum(ids, len(lut) - 1)].astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PngExamples:
+    """Random access to the examples of a list of (image, label) PNG pairs.
+
+    The pipelines read every dataset through this small interface (`len`, `read`, `name`), so
+    PNG folders, prepared array_record files and TFDS go through the same stream code.
+    """
+
+    pairs: tuple[tuple[str, str], ...]
+    id_to_train_id: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 HxWx3 image and uint8 HxW train ids at the native size."""
+        return read_example(*self.pairs[index], self.id_to_train_id)
+
+    def name(self, index: int) -> str:
+        """The image file, for messages."""
+        return self.pairs[index][0]
 
 
 def read_mask(path: str) -> np.ndarray:
