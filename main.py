@@ -33,9 +33,10 @@ def main(argv: list[str]) -> None:
     if not verbosity_given(sys.argv):
         logging.set_verbosity(logging.WARNING)  # Progress lines are printed; -v 0 for INFO logs.
     # Imported here so that --help is fast and flag errors come before JAX starts.
-    from metapix_jax import compare, train
+    from metapix_jax import compare, parallel, train
 
     config = FLAGS.config
+    parallel.initialize_distributed(config)  # Before anything touches a JAX device.
     if config.mode == "train":
         train.train_and_evaluate(config, FLAGS.workdir)
     elif config.mode == "eval":

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, metrics
+from jax.experimental import multihost_utils
 
 from metapix_jax import checkpoints, evaluate, parallel, schedule
 from metapix_jax import state as state_lib
@@ -55,6 +56,8 @@ def prepare_synthetic(config: ml_collections.ConfigDict, workdir: str) -> str:
             harm_rate=d.synthetic_harm_rate,
             confusions=synthetic.parse_confusions(d.synthetic_confusions),
         )
+    if jax.process_count() > 1:  # The other processes read what process 0 wrote.
+        multihost_utils.sync_global_devices("synthetic benchmark written")
     return root
 
 
@@ -352,6 +355,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) the configured method's schedule; returns the final evaluation."""
+    parallel.initialize_distributed(config)  # Before anything touches a device.
     os.makedirs(workdir, exist_ok=True)
     plan = schedule.phases(config)
     parallel.check_batch_sizes(config)
@@ -399,6 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Eval mode: mIoU of the latest checkpoint, or of the one at config.eval_checkpoint."""
+    parallel.initialize_distributed(config)  # Before anything touches a device.
     manager = checkpoints.make_manager(workdir)
     if manager.latest_step() is None:
         raise FileNotFoundError(
