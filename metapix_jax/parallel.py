@@ -18,7 +18,6 @@ from metapix_jax import meta
 from metapix_jax import state as state_lib
 from metapix_jax import steps as steps_lib
 
-
 DISTRIBUTED_MODES = ("auto", "on", "off")
 # Variables by which a launcher says that it started several processes.
 PROCESS_COUNT_VARIABLES = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")

@@ -74,10 +74,8 @@ def test_two_processes_match_one_process_with_four_devices(runs):
         )
     # The steps moved the params away from the start, so the comparison is not vacuous.
     start = jax.tree.map(np.asarray, state_lib.init_state(config))
-    moved = [
-        np.abs(a - b).max() for a, b in zip(*map(jax.tree.leaves, (one.params, start.params)))
-    ]
-    assert max(moved) > 1e-3
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), one.params, start.params)
+    assert max(jax.tree.leaves(moved)) > 1e-3
     results = [json.loads((runs / r / "eval" / "latest.json").read_text()) for r in ("one", "two")]
     assert results[0]["labeled_pixels"] == results[1]["labeled_pixels"] > 0
     assert results[0]["miou"] == pytest.approx(results[1]["miou"], abs=1e-6)
