@@ -249,3 +249,19 @@ def test_train_steps_donate_the_input_state():
     confusion = steps.eval(new_state, parallel.to_global({"image": image, "label": label}, mesh))
     assert int(confusion.sum()) > 0
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state))  # eval keeps it.
+
+
+# ---- the step benchmark -------------------------------------------------------------------
+
+
+def test_step_timing_imports_no_tensorflow_clu_or_grain():
+    """benchmarks/step_timing.py must run on a GPU host with only jax, flax and optax."""
+    code = (
+        "import runpy, sys; runpy.run_path('benchmarks/step_timing.py', run_name='x'); "
+        "print(sorted(m for m in ('tensorflow', 'clu', 'grain') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
