@@ -38,7 +38,7 @@ def launch(workdir, benchmark, num_processes: int, process_id: int, port: int, d
 
 
 def wait_all(processes) -> None:
-    outputs = [p.communicate(timeout=300)[0].decode() for p in processes]
+    outputs = [p.communicate(timeout=1200)[0].decode() for p in processes]
     for p, out in zip(processes, outputs, strict=True):
         assert p.returncode == 0, out[-4000:]
 
