@@ -53,8 +53,14 @@ def run(config, mesh: Mesh) -> dict:
 
 
 def max_relative_difference(a, b) -> float:
-    """max |a - b| / (max |a| + 1e-12) over the leaves of two pytrees."""
-    diffs = jax.tree.map(lambda x, y: float(np.abs(x - y).max() / (np.abs(x).max() + 1e-12)), a, b)
+    """max |a - b| / max(max |a|, 1e-3) over the leaves of two pytrees.
+
+    The floor is for leaves that are float rounding noise around zero: the U-Net's conv
+    biases sit before an instance norm, which removes them, so their gradient is exactly
+    zero in real arithmetic and about 1e-13 in float32, differently on every mesh.
+    """
+    floor = lambda x: max(float(np.abs(x).max()), 1e-3)  # noqa: E731
+    diffs = jax.tree.map(lambda x, y: float(np.abs(x - y).max()) / floor(x), a, b)
     return max(jax.tree.leaves(diffs))
 
 
