@@ -25,6 +25,12 @@ def get_config() -> ml_collections.ConfigDict:
     # above, compare.VARIANTS names such as 'focal' or 'metapix_w19' (a method + fields).
     config.compare_methods = ("target_only", "direct_joint", "metapix")
     config.seed = 1234
+    # Multi-process runs (several hosts): 'auto' calls jax.distributed.initialize when
+    # the environment or the fields below name several processes, 'on' always, 'off' never.
+    config.distributed = "auto"
+    config.coordinator_address = ""  # host:port of process 0 ('' = JAX_COORDINATOR_ADDRESS).
+    config.num_processes = -1  # Processes in the run (-1 = JAX_NUM_PROCESSES or detected).
+    config.process_id = -1  # This process's index (-1 = JAX_PROCESS_ID or detected).
 
     # ---- data -------------------------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()
@@ -78,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.split_block = 1  # The first k VGG blocks have a source and a target copy (0..5).
     model.dropout = 0.5  # Channel dropout after fc6 and fc7.
     model.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); params stay float32.
+    model.remat = False  # Recompute each VGG block in the backward pass (less memory).
 
     # ---- initialisation -----------------------------------------------------------------
     config.init = init = ml_collections.ConfigDict()
@@ -92,6 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
     weighting.depth = 3  # Number of down-sampling steps.
     weighting.init_bias = 1.0  # Output bias: initial weight sigmoid(1) = 0.73.
     weighting.init_std = 0.01  # Conv kernels start at N(0, init_std^2).
+    weighting.remat = False  # Recompute each U-Net double conv in the backward pass.
 
     # ---- schedule (Algorithm 1) --------------------------------------------------------
     config.schedule = schedule = ml_collections.ConfigDict()

@@ -6,6 +6,7 @@ CPU, eight GPUs or several hosts after `jax.distributed.initialize()`.
 """
 
 import functools
+import os
 
 import jax
 import ml_collections
@@ -16,6 +17,56 @@ from jax.sharding import PartitionSpec as P
 from metapix_jax import hrselect, meta, nonfinite
 from metapix_jax import state as state_lib
 from metapix_jax import steps as steps_lib
+
+DISTRIBUTED_MODES = ("auto", "on", "off")
+# Variables by which a launcher says that it started several processes.
+PROCESS_COUNT_VARIABLES = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def launched_as_several_processes() -> bool:
+    """Whether the environment names a coordinator or more than one process."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    return any(int(os.environ.get(v) or 1) > 1 for v in PROCESS_COUNT_VARIABLES)
+
+
+def _int_or_none(value: int, variable: str) -> int | None:
+    """A config value if set (>= 0), else the environment variable's, else None (jax decides)."""
+    if value >= 0:
+        return value
+    text = os.environ.get(variable)
+    return int(text) if text else None
+
+
+def distributed_arguments(config: ml_collections.ConfigDict) -> dict:
+    """Arguments of jax.distributed.initialize; None leaves a value to the cluster detection."""
+    return {
+        "coordinator_address": config.coordinator_address or None,  # jax reads the env var.
+        "num_processes": _int_or_none(config.num_processes, "JAX_NUM_PROCESSES"),
+        "process_id": _int_or_none(config.process_id, "JAX_PROCESS_ID"),
+    }
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
+    """Joins the processes of a multi-process run; returns whether it initialised.
+
+    Must run before anything touches a JAX device (so train.py calls it first). 'auto'
+    initialises only when the config or the environment names several processes, so a
+    single-process run never waits for a coordinator; 'on' always does (jax then detects
+    SLURM, Open MPI, Kubernetes or Cloud TPU); 'off' never does.
+    """
+    if config.distributed not in DISTRIBUTED_MODES:
+        raise ValueError(
+            f"distributed must be one of {DISTRIBUTED_MODES}, got {config.distributed!r}"
+        )
+    if config.distributed == "off" or jax.distributed.is_initialized():
+        return False
+    if config.distributed == "auto" and not (
+        config.coordinator_address or config.num_processes > 1 or launched_as_several_processes()
+    ):
+        return False
+    jax.distributed.initialize(**distributed_arguments(config))
+    return True
 
 
 def make_mesh() -> Mesh:
@@ -34,12 +85,13 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
     """Every global batch must split evenly over the devices and the processes."""
-    devices = jax.device_count()
+    devices, processes = jax.device_count(), jax.process_count()
     for field in ("source_batch", "target_batch", "eval_batch"):
         size = config.data[field]
-        if size <= 0 or size % devices:
+        if size <= 0 or size % devices or size % processes:
             raise ValueError(
-                f"data.{field}={size} must be a positive multiple of the {devices} devices"
+                f"data.{field}={size} must be a positive multiple of the {devices} devices "
+                f"(over {processes} processes)"
             )
 
 

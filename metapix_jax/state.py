@@ -52,6 +52,7 @@ def make_segmenter(config: ml_collections.ConfigDict) -> FCN8s:
         split_block=m.split_block,
         dropout=m.dropout,
         dtype=compute_dtype(config),
+        remat=m.remat,
     )
 
 
@@ -67,6 +68,7 @@ def make_weighting_net(config: ml_collections.ConfigDict) -> WeightingUNet:
         init_bias=w.init_bias,
         init_std=w.init_std,
         dtype=compute_dtype(config),
+        remat=w.remat,
     )
 
 

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, metrics
+from jax.experimental import multihost_utils
 
 from metapix_jax import checkpoints, evaluate, nonfinite, parallel, schedule, validation
 from metapix_jax import state as state_lib
@@ -57,6 +58,8 @@ def prepare_synthetic(config: ml_collections.ConfigDict, workdir: str) -> str:
             harm_rate=d.synthetic_harm_rate,
             confusions=synthetic.parse_confusions(d.synthetic_confusions),
         )
+    if jax.process_count() > 1:  # The other processes read what process 0 wrote.
+        multihost_utils.sync_global_devices("synthetic benchmark written")
     return root
 
 
@@ -535,6 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     SIGTERM/SIGINT end it with Interrupted after a checkpoint at the next step boundary;
     a non-finite step ends it with NonFiniteError (config.nonfinite='stop').
     """
+    parallel.initialize_distributed(config)  # Before anything touches a device.
     os.makedirs(workdir, exist_ok=True)
     check_workdir_config(config, workdir)
     plan = schedule.phases(config)
@@ -596,6 +600,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Eval mode: mIoU of the latest checkpoint, or of the one at config.eval_checkpoint."""
+    parallel.initialize_distributed(config)  # Before anything touches a device.
     manager = checkpoints.make_manager(workdir)
     if manager.latest_step() is None:
         raise FileNotFoundError(

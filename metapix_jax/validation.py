@@ -24,6 +24,7 @@ INNER_OPTIMIZERS = ("sgd", "adam")  # state.inner_optimizer
 FC6_PADDINGS = ("VALID", "SAME")
 NONFINITE_MODES = ("stop", "skip")
 TARGET_FORMATS = ("folder", "tfds")  # train.target_examples
+DISTRIBUTED_MODES = ("auto", "on", "off")  # parallel.initialize_distributed
 MAX_SPLIT_BLOCK = 5  # VGG-16 has five blocks.
 
 # Fields that may change between runs in one workdir: they do not change the trajectory
@@ -43,6 +44,11 @@ EXEMPT_FIELDS = (
     "data.target_root",
     "data.synthetic_root",
     "data.num_threads",
+    "data.num_workers",
+    "distributed",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
     "data.eval_batch",
     "data.target_eval_split",
 )
@@ -100,6 +106,9 @@ def field_rules() -> dict[str, Callable[[Any], str | None]]:
         "method": one_of(schedule.METHODS),
         "seed": int_at_least(0),
         "nonfinite": one_of(NONFINITE_MODES),
+        "distributed": one_of(DISTRIBUTED_MODES),
+        "num_processes": int_at_least(-1),
+        "process_id": int_at_least(-1),
         "data.height": int_at_least(1),
         "data.width": int_at_least(1),
         "data.num_classes": int_at_least(1),
@@ -275,6 +284,21 @@ def checkpoint_problems(config: ml_collections.ConfigDict, workdir: str) -> Iter
         )
 
 
+def count_devices(config: ml_collections.ConfigDict, problems: list[str]) -> int:
+    """All devices of all processes: joins a multi-process run first (parallel.py).
+
+    Only here is the backend started; with a bad `distributed` field nothing is joined.
+    """
+    if any(p.startswith(("config.distributed", "config.num_processes")) for p in problems):
+        return 1
+    import jax
+
+    from metapix_jax import parallel
+
+    parallel.initialize_distributed(config)
+    return jax.device_count()
+
+
 def validate(config: ml_collections.ConfigDict, workdir: str, devices: int | None = None) -> None:
     """Raises ConfigError listing every problem (one line each), or returns.
 
@@ -285,9 +309,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str, devices: int | Non
     problems = list(field_problems(config))
     problems += schedule_problems(config) if not problems else []
     if devices is None:
-        import jax  # Only here: validating the fields needs no backend.
-
-        devices = jax.device_count()
+        devices = count_devices(config, problems)
     problems += device_problems(config, devices)
     problems += data_problems(config)
     problems += path_problems(config)

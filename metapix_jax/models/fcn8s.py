@@ -59,13 +59,15 @@ class FCN8s(nn.Module):
     split_block: int = 1
     dropout: float = 0.5
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # Recompute each VGG block's activations in the backward pass.
 
     def setup(self) -> None:
         if not 0 <= self.split_block <= len(VGG16_BLOCKS):
             raise ValueError(f"model.split_block must be in 0..5, got {self.split_block}")
         blocks = [(n, max(1, int(round(c * self.width)))) for n, c in VGG16_BLOCKS]
         k = self.split_block
-        make = lambda i, name: VGGBlock(*blocks[i], dtype=self.dtype, name=name)  # noqa: E731
+        block_class = nn.remat(VGGBlock) if self.remat else VGGBlock
+        make = lambda i, name: block_class(*blocks[i], dtype=self.dtype, name=name)  # noqa: E731
         self.target_blocks = [make(i, f"target_block{i + 1}") for i in range(k)]
         self.source_blocks = [make(i, f"source_block{i + 1}") for i in range(k)]
         self.shared_blocks = [make(i, f"block{i + 1}") for i in range(k, len(blocks))]

@@ -61,6 +61,7 @@ class WeightingUNet(nn.Module):
     init_bias: float = 1.0
     init_std: float = 0.01
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # Recompute each double conv's activations in the backward pass.
 
     def _channels(self, level: int) -> int:
         """64-128-256-256 for base 64 and depth 3: the deepest level keeps its input width."""
@@ -72,8 +73,10 @@ class WeightingUNet(nn.Module):
             raise ValueError(f"weighting.kind must be 'w1' or 'w19', got {self.kind!r}")
         x = weighting_input(image, label, self.num_classes, self.ignore_label)
 
+        block_class = nn.remat(DoubleConv) if self.remat else DoubleConv
+
         def conv(channels: int, name: str, mid: int | None = None) -> DoubleConv:
-            return DoubleConv(channels, self.init_std, mid, self.dtype, name=name)
+            return block_class(channels, self.init_std, mid, self.dtype, name=name)
 
         x = conv(self.base_channels, "inc")(x.astype(self.dtype))
         skips = []
