@@ -10,9 +10,7 @@ the jitted step on the un-normalised image; the donors are the batch's target im
 import jax.numpy as jnp
 import numpy as np
 
-from metapix_jax.data import pipeline
-
-NORMALIZATIONS = ("imagenet", "caffe")
+from metapix_jax.data.normalization import from_pixels, to_pixels
 
 
 def band_half_width(height: int, width: int, beta: float) -> int:
@@ -45,24 +43,6 @@ def swap_low_amplitude(source: jnp.ndarray, target: jnp.ndarray, beta: float) ->
     amplitude = jnp.where(mask, jnp.abs(f_target), jnp.abs(f_source))
     phase = jnp.angle(f_source)
     return jnp.fft.ifft2(amplitude * jnp.exp(1j * phase), axes=(1, 2)).real.astype(source.dtype)
-
-
-def to_pixels(images: jnp.ndarray, normalization: str) -> jnp.ndarray:
-    """Undoes the input normalisation: 0-255 values (BGR order stays BGR for 'caffe')."""
-    if normalization == "imagenet":
-        return (images * pipeline.IMAGENET_STD + pipeline.IMAGENET_MEAN) * 255.0
-    if normalization == "caffe":
-        return images + pipeline.CAFFE_MEAN_BGR
-    raise ValueError(f"data.normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-
-
-def from_pixels(pixels: jnp.ndarray, normalization: str) -> jnp.ndarray:
-    """The inverse of `to_pixels`."""
-    if normalization == "imagenet":
-        return (pixels / 255.0 - pipeline.IMAGENET_MEAN) / pipeline.IMAGENET_STD
-    if normalization == "caffe":
-        return pixels - pipeline.CAFFE_MEAN_BGR
-    raise ValueError(f"data.normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
 def stylize(

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from metapix_jax import checkpoints, evaluate, nonfinite, parallel, schedule, validation
 from metapix_jax import state as state_lib
 from metapix_jax.data import labels, pipeline, prepare, sources, synthetic
+from metapix_jax.data import normalization as normalization_lib
 from metapix_jax.state import TrainState
 from metapix_jax.steps import Steps
 
@@ -331,10 +332,8 @@ class NonFiniteGuard:
 
 def to_uint8_image(image: np.ndarray, normalization: str) -> np.ndarray:
     """Undoes the input normalisation of one image for display."""
-    if normalization == "caffe":
-        rgb = (image + np.array(pipeline.CAFFE_MEAN_BGR))[..., ::-1]
-    else:
-        rgb = (image * np.array(pipeline.IMAGENET_STD) + np.array(pipeline.IMAGENET_MEAN)) * 255
+    pixels = normalization_lib.to_pixels(image, normalization)
+    rgb = pixels[..., ::-1] if normalization == "caffe" else pixels  # Caffe's order is BGR.
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 

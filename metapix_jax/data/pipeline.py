@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from metapix_jax.data import labels, sources
+from metapix_jax.data import labels, normalization, sources
 
 EVAL_PROTOCOLS = ("full", "resized")
 
@@ -105,10 +105,11 @@ def read_or_replace(
     raise sources.DataError(f"no readable example at all (first bad one: {first_error})")
 
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-CAFFE_MEAN_BGR = np.array([104.00698793, 116.66876762, 122.67891434], dtype=np.float32)
-NORMALIZATIONS = ("imagenet", "caffe")
+# Re-exported: the pipeline's users read them here.
+IMAGENET_MEAN = normalization.IMAGENET_MEAN
+IMAGENET_STD = normalization.IMAGENET_STD
+CAFFE_MEAN_BGR = normalization.CAFFE_MEAN_BGR
+NORMALIZATIONS = normalization.NORMALIZATIONS
 
 
 def resize(
