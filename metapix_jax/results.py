@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from metapix_jax.validation import flatten
+
 # Fields that differ between runs without changing what is trained.
 IGNORED_FIELDS = (
     "seed",
@@ -41,18 +43,6 @@ METHOD_ORDER = (
     "metapix",
     "metapix_online",
 )
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples so that values are hashable."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = tuple(value) if isinstance(value, list) else value
-    return out
 
 
 def find_runs(root: str) -> list[dict]:

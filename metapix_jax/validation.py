@@ -321,14 +321,14 @@ def validate(config: ml_collections.ConfigDict, workdir: str, devices: int | Non
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples (as JSON gives them back)."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))
         else:
-            out[name] = value
+            out[name] = tuple(value) if isinstance(value, list) else value
     return out
 
 

@@ -40,11 +40,10 @@ def _require_dir(root: str, sub: str, layout: str) -> str:
     return path
 
 
-def gta5_pairs(root: str) -> list[tuple[str, str]]:
-    """(image, label) paths of a GTA5-layout dataset: root/images/X.png with root/labels/X.png."""
-    layout = "GTA5 (images/*.png, labels/*.png)"
-    images = _require_dir(root, "images", layout)
-    labels = _require_dir(root, "labels", layout)
+def _pairs_by_name(root: str, image_dir: str, label_dir: str, layout: str) -> list[tuple[str, str]]:
+    """(image, label) paths where root/image_dir/X.png has its label at root/label_dir/X.png."""
+    images = _require_dir(root, image_dir, layout)
+    labels = _require_dir(root, label_dir, layout)
     pairs = []
     for name in sorted(os.listdir(images)):
         if not name.endswith(".png"):
@@ -56,6 +55,11 @@ def gta5_pairs(root: str) -> list[tuple[str, str]]:
     if not pairs:
         raise DataError(f"no .png images in {images!r}")
     return pairs
+
+
+def gta5_pairs(root: str) -> list[tuple[str, str]]:
+    """(image, label) paths of a GTA5-layout dataset: root/images/X.png with root/labels/X.png."""
+    return _pairs_by_name(root, "images", "labels", "GTA5 (images/*.png, labels/*.png)")
 
 
 def synthia_pairs(root: str) -> list[tuple[str, str]]:
@@ -64,19 +68,7 @@ def synthia_pairs(root: str) -> list[tuple[str, str]]:
     The labels are 16-bit PNGs with the class id in the first channel (`read_example` takes it).
     """
     layout = "SYNTHIA-RAND-CITYSCAPES (RGB/*.png, GT/LABELS/*.png)"
-    images = _require_dir(root, "RGB", layout)
-    labels = _require_dir(root, os.path.join("GT", "LABELS"), layout)
-    pairs = []
-    for name in sorted(os.listdir(images)):
-        if not name.endswith(".png"):
-            continue
-        label = os.path.join(labels, name)
-        if not os.path.isfile(label):
-            raise DataError(f"image {os.path.join(images, name)!r} has no label {label!r}")
-        pairs.append((os.path.join(images, name), label))
-    if not pairs:
-        raise DataError(f"no .png images in {images!r}")
-    return pairs
+    return _pairs_by_name(root, "RGB", os.path.join("GT", "LABELS"), layout)
 
 
 SOURCE_KINDS = ("gta5", "synthia")
