@@ -52,7 +52,7 @@ def weight_separation(
     mesh = parallel.make_mesh()
     steps = parallel.make_steps(config, mesh)
     manager = checkpoints.make_manager(workdir)
-    state = checkpoints.restore(manager, state_lib.init_state(config))
+    state = checkpoints.restore(manager, parallel.state_template(config, mesh))
     manager.close()
     if state is None:
         return None
@@ -132,7 +132,8 @@ def reuse_pretraining(
     try:
         if position not in source_manager.all_steps() or dest_manager.latest_step() is not None:
             return False
-        state = checkpoints.restore(source_manager, state_lib.init_state(source_config), position)
+        template = parallel.state_template(source_config, parallel.make_mesh())
+        state = checkpoints.restore(source_manager, template, position)
         fresh = state_lib.init_state(config)
         state = state.replace(unet_params=fresh.unet_params, unet_opt_state=fresh.unet_opt_state)
         checkpoints.save(dest_manager, state)

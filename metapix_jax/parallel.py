@@ -101,6 +101,11 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def state_template(config: ml_collections.ConfigDict, mesh: Mesh) -> state_lib.TrainState:
+    """What a checkpoint restores into: the state's shapes, replicated over `mesh`."""
+    return state_lib.state_template(config, replicated(mesh))
+
+
 def put_replicated(tree, mesh: Mesh):
     """Places a host pytree (e.g. a fresh or restored state) on every device."""
     return jax.device_put(tree, replicated(mesh))

@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image
 
 from metapix_jax import checkpoints, parallel
-from metapix_jax import state as state_lib
 from metapix_jax.data import labels, pipeline, sources
 from metapix_jax.models.resize import resize_bilinear_align_corners
 from metapix_jax.state import TrainState
@@ -119,11 +118,8 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> Trai
             f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}: train first "
             "(mode=train) or point --workdir at a trained run"
         )
-    template_config = config.copy_and_resolve_references()
-    template_config.init.vgg16 = ""  # The checkpoint replaces the weights: do not read them.
-    template = jax.eval_shape(lambda: state_lib.init_state(template_config))
     position = None if config.eval_checkpoint < 0 else config.eval_checkpoint
-    state = checkpoints.restore(manager, template, position)
+    state = checkpoints.restore(manager, parallel.state_template(config, mesh), position)
     manager.close()
     return parallel.put_replicated(state, mesh)
 

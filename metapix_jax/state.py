@@ -179,3 +179,19 @@ def init_state(config: ml_collections.ConfigDict) -> TrainState:
         step=jnp.zeros((), jnp.int32),
         position=jnp.zeros((), jnp.int32),
     )
+
+
+def state_template(
+    config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding
+) -> TrainState:
+    """The state's shapes and dtypes placed by `sharding`: what a checkpoint restores into.
+
+    Traced, not run, and without reading init.vgg16 (a checkpoint replaces the weights),
+    so resuming, evaluating or predicting costs no initialisation. The sharding tells
+    Orbax where the arrays go now, which need not be where they were saved (a run
+    trained on 8 devices is evaluated on 1).
+    """
+    no_import = config.copy_and_resolve_references()
+    no_import.init.vgg16 = ""
+    shapes = jax.eval_shape(lambda: init_state(no_import))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)

@@ -396,13 +396,6 @@ def run_evaluation(
     return result
 
 
-def restore_or_init(config, manager, mesh) -> TrainState:
-    """The latest checkpoint's state, or a fresh one; replicated over the mesh."""
-    fresh = state_lib.init_state(config)
-    restored = checkpoints.restore(manager, fresh)
-    return parallel.put_replicated(restored if restored is not None else fresh, mesh)
-
-
 def save_checkpoint(manager, state: TrainState, guard: NonFiniteGuard, phase) -> None:
     """Saves after making sure no step since the last check was non-finite."""
     guard.check(phase, manager.latest_step())
@@ -548,7 +541,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager = checkpoints.make_manager(
         workdir, [p.end for p in plan], config.keep_periodic, cleanup=True
     )
-    restored = checkpoints.restore_latest_readable(manager, state_lib.init_state(config))
+    restored = checkpoints.restore_latest_readable(manager, parallel.state_template(config, mesh))
     state = parallel.put_replicated(restored or state_lib.init_state(config), mesh)
     save_config(config, workdir)
     writer = metric_writers.create_default_writer(
@@ -611,7 +604,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     mesh = parallel.make_mesh()
     steps = parallel.make_steps(config, mesh)
     position = None if config.eval_checkpoint < 0 else config.eval_checkpoint
-    state = checkpoints.restore(manager, state_lib.init_state(config), position)
+    state = checkpoints.restore(manager, parallel.state_template(config, mesh), position)
     state = parallel.put_replicated(state, mesh)
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=False

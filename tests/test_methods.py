@@ -3,19 +3,16 @@ the results table from hand-written runs, and every method through main.py."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli import run_main
 
 from configs import test as test_config
 from metapix_jax import compare, fda, hrselect, losses, parallel, results, schedule, train
 from metapix_jax import state as state_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_logits_and_labels(seed=0, shape=(2, 3, 4), classes=5):
@@ -290,28 +287,8 @@ NEW_METHODS = (
 )
 
 
-def run_main(*args: str, cache: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        PYTHONUNBUFFERED="1",
-        # Methods share most of their computations (eval, joint steps): compile them once.
-        JAX_COMPILATION_CACHE_DIR=cache,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-    return subprocess.run(
-        [sys.executable, "main.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
 def test_every_new_method_trains_and_evaluates_through_main(tmp_path):
-    workdir, cache = str(tmp_path / "compare"), str(tmp_path / "cache")
+    workdir = str(tmp_path / "compare")
     proc = run_main(
         "--config=configs/test.py",
         f"--workdir={workdir}",
@@ -322,7 +299,6 @@ def test_every_new_method_trains_and_evaluates_through_main(tmp_path):
         "--config.schedule.generations=1",
         "--config.eval_at_phase_end=False",
         "--config.image_every=0",
-        cache=cache,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     compared = json.load(open(os.path.join(workdir, "compare.json")))
@@ -341,9 +317,7 @@ def test_every_new_method_trains_and_evaluates_through_main(tmp_path):
         assert 0 <= r["eval"]["miou"] <= 1
     assert "[fda] starting" not in proc.stdout and "[direct_joint] starting" not in proc.stdout
     assert "weights" in compared["hrselect"] and "weights" not in compared["fda"]
-    table = run_main(
-        "--config=configs/test.py", f"--workdir={workdir}", "--config.mode=results", cache=cache
-    )
+    table = run_main("--config=configs/test.py", f"--workdir={workdir}", "--config.mode=results")
     assert table.returncode == 0, table.stderr[-3000:]
     assert "| metapix | weighting.kind=w19 | 1 | 3 |" in table.stdout
     assert "| direct_joint | loss.kind=focal | 1 | 3 |" in table.stdout

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from metapix_jax import checkpoints
+from metapix_jax import checkpoints, parallel
 from metapix_jax import state as state_lib
 
 WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
@@ -45,7 +45,8 @@ def wait_all(processes) -> None:
 
 def final_params(workdir, config):
     manager = checkpoints.make_manager(str(workdir))
-    state = checkpoints.restore(manager, state_lib.init_state(config))
+    # Saved over 4 devices (one or two processes), restored here on one: the template decides.
+    state = checkpoints.restore(manager, parallel.state_template(config, parallel.make_mesh()))
     manager.close()
     return jax.tree.map(np.asarray, jax.device_get(state))
 

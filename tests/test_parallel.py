@@ -131,10 +131,14 @@ def equations(fn, *args) -> list:
     return found
 
 
-def conv_dtypes(fn, *args) -> set[str]:
-    """The input dtypes of every convolution in fn (nested ones included)."""
-    convs = [e for e in equations(fn, *args) if e.primitive.name == "conv_general_dilated"]
-    return {str(v.aval.dtype) for e in convs for v in e.invars}
+def conv_dtypes(fn, *args) -> dict[int, set[str]]:
+    """{output channels: input dtypes} over every convolution in fn (nested ones included)."""
+    found = {}
+    for e in equations(fn, *args):
+        if e.primitive.name == "conv_general_dilated":
+            channels = e.outvars[0].aval.shape[-1]
+            found.setdefault(channels, set()).update(str(v.aval.dtype) for v in e.invars)
+    return found
 
 
 def test_bf16_computes_convolutions_in_bf16_with_float32_params():
@@ -146,8 +150,12 @@ def test_bf16_computes_convolutions_in_bf16_with_float32_params():
         assert {x.dtype for x in jax.tree.leaves(tree) if x.ndim} == {jnp.dtype("float32")}
     fcn = lambda p: model.apply({"params": p}, image, image)  # noqa: E731
     net = lambda p: unet.apply({"params": p}, image, label)  # noqa: E731
-    assert conv_dtypes(fcn, state.params) == {"bfloat16"}
-    assert conv_dtypes(net, state.unet_params) == {"bfloat16"}
+    # The trunks in bf16; the class-score head and the U-Net's output conv in float32.
+    fcn_convs, unet_convs = conv_dtypes(fcn, state.params), conv_dtypes(net, state.unet_params)
+    assert fcn_convs.pop(config.data.num_classes) == {"float32"}
+    assert unet_convs.pop(2) == {"float32"}  # W1: two logits per pixel.
+    assert fcn_convs and set().union(*fcn_convs.values()) == {"bfloat16"}
+    assert unet_convs and set().union(*unet_convs.values()) == {"bfloat16"}
     logits_s, logits_t = fcn(state.params)
     assert logits_s.dtype == logits_t.dtype == net(state.unet_params).dtype == jnp.float32
 

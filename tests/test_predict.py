@@ -6,12 +6,11 @@ against the model applied in this process.
 """
 
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from cli import run_main
 from PIL import Image
 
 from configs import test as test_config
@@ -19,20 +18,7 @@ from metapix_jax import checkpoints, predict
 from metapix_jax import state as state_lib
 from metapix_jax.data import labels, pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"a/one.png": (23, 41), "a/b/two.jpg": (16, 32), "three.png": (50, 30)}  # (h, w)
-
-
-def run_main(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, "main.py", "--config=configs/test.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def checkpointable_state(config):
@@ -87,6 +73,7 @@ def predicted(trained, inputs, tmp_path_factory):
     workdir, _, _ = trained
     out = str(tmp_path_factory.mktemp("out"))
     proc = run_main(
+        "--config=configs/test.py",
         f"--workdir={workdir}",
         "--config.mode=predict",
         f"--config.predict.input={inputs}",

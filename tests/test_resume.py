@@ -7,54 +7,47 @@ METAPIX_TEST_KILL_AT and rerun with the same command each time: inside the joint
 by SIGTERM inside a meta phase, in the middle of a checkpoint save, at the start of
 generation 2's meta phase (the U-Net is re-initialised) and inside generation 2's
 weighted phase, after damaging a finished checkpoint (the one before it is used).
-Compiled programs are shared through JAX's persistent compilation cache,
+Compiled programs are shared through JAX's persistent compilation cache (conftest.py),
 so only the first process compiles.
 """
 
 import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from cli import run_main
+from flax import serialization
 
-from metapix_jax import checkpoints
+from configs import test as test_config
+from metapix_jax import checkpoints, parallel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 11
 
 
-def run_main(workdir: str, env_extra: dict, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **env_extra)
-    env.pop(checkpoints.KILL_ENV, None)
-    env.update(env_extra)
-    command = [
-        sys.executable,
-        "main.py",
+def train(workdir: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """The tiny MetaPix run in `workdir`, a checkpoint at every position."""
+    return run_main(
         "--config=configs/test.py",
         f"--workdir={workdir}",
         "--config.mode=train",
         "--config.checkpoint_every=1",
         "--config.eval_at_phase_end=False",
         *args,
-    ]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """The compilation cache, the benchmark root and the uninterrupted reference run."""
+    """The benchmark root and the uninterrupted reference run (conftest shares the compiles)."""
     base = tmp_path_factory.mktemp("resume")
-    env = {
-        "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+    env = {}
     data = f"--config.data.synthetic_root={base / 'benchmark'}"
     reference = str(base / "reference")
-    proc = run_main(reference, env, data)
+    proc = train(reference, env, data)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return env, data, reference
 
@@ -102,7 +95,7 @@ def test_killed_anywhere_and_rerun_ends_bit_identical(shared, tmp_path):
         ("position:11", -signal.SIGKILL, 10, "after a damaged checkpoint 7: resume at 6"),
     ]
     for fault, exit_code, latest, what in faults:
-        proc = run_main(workdir, {**env, checkpoints.KILL_ENV: fault}, data)
+        proc = train(workdir, {**env, checkpoints.KILL_ENV: fault}, data)
         assert proc.returncode == exit_code, (what, proc.stdout[-2000:], proc.stderr[-3000:])
         assert checkpoints.finished_positions(workdir)[-1] == latest, what
         if fault.startswith("sigterm"):
@@ -121,7 +114,7 @@ def test_killed_anywhere_and_rerun_ends_bit_identical(shared, tmp_path):
             assert "checkpoint 7 is unreadable" in proc.stdout
             assert "resuming at position 6" in proc.stdout
             assert os.path.isdir(os.path.join(workdir, "unreadable_checkpoints", "7"))
-    proc = run_main(workdir, env, data)
+    proc = train(workdir, env, data)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "resuming at position 10" in proc.stdout
     assert not temporary_dirs(workdir)  # The half-written save was cleaned up.
@@ -133,10 +126,21 @@ def test_killed_anywhere_and_rerun_ends_bit_identical(shared, tmp_path):
 
 def test_a_workdir_with_another_config_is_refused_unless_allowed(shared, tmp_path):
     env, data, reference = shared
-    proc = run_main(reference, env, data, "--config.optim.learning_rate=0.5", "--config.seed=3")
+    proc = train(reference, env, data, "--config.optim.learning_rate=0.5", "--config.seed=3")
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"ConfigError: workdir {reference} was trained with a different")
     assert "optim.learning_rate: 0.001 -> 0.5" in last and "seed: 0 -> 3" in last
     assert "--config.allow_config_change=True" in last
+
+
+def test_a_checkpoint_restores_into_a_template_that_reads_no_weights(shared, tmp_path):
+    """Resume, eval and predict restore into shapes alone: init.vgg16 is never opened."""
+    _, _, reference = shared
+    config = test_config.get_config()
+    config.init.vgg16 = str(tmp_path / "absent_vgg16.pth")  # Reading it would fail.
+    manager = checkpoints.make_manager(reference)
+    restored = checkpoints.restore(manager, parallel.state_template(config, parallel.make_mesh()))
+    manager.close()
+    assert_bitwise_equal(serialization.to_state_dict(restored), final_state(reference))

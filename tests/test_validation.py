@@ -6,17 +6,14 @@ a line that names every wrong field. Valid but unusual values must pass.
 """
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli import run_main
 
 from configs import test as test_config
 from metapix_jax import validation
 from metapix_jax.validation import ConfigError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Field -> wrong values (chosen by hand from the README and the paper, not from the rules).
 WRONG = {
@@ -185,16 +182,9 @@ def test_config_changes_list_the_fields_and_skip_the_exempt_ones(tmp_path):
     assert len(validation.check_config_unchanged(changed, str(tmp_path))) == 2
 
 
-def run_main(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "main.py", "--config=configs/test.py", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-
 def test_main_reports_every_problem_as_a_line_without_a_traceback(tmp_path):
     proc = run_main(
+        "--config=configs/test.py",
         f"--workdir={tmp_path}",
         "--config.method=metapixx",
         "--config.model.split_block=7",

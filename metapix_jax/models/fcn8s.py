@@ -77,10 +77,17 @@ class FCN8s(nn.Module):
         self.fc6 = conv(fc_channels, kernel, "fc6", padding=self.fc6_padding)
         self.fc7 = conv(fc_channels, (1, 1), "fc7")
         self.drop = nn.Dropout(self.dropout, broadcast_dims=(1, 2))  # channel dropout
-        self.score = conv(self.num_classes, (1, 1), "score")
+        # The 8s decoder (class scores, their upsampling and sums) always runs in float32:
+        # under bf16 it would round the logits to 8 bits of mantissa (and the bilinear
+        # weights with them) for a few percent of the model's arithmetic.
+        head_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        head = lambda name, **kw: nn.Conv(  # noqa: E731
+            self.num_classes, (1, 1), dtype=head_dtype, name=name, **kw
+        )
         zeros = nn.initializers.zeros
-        self.score_pool4 = conv(self.num_classes, (1, 1), "score_pool4", kernel_init=zeros)
-        self.score_pool3 = conv(self.num_classes, (1, 1), "score_pool3", kernel_init=zeros)
+        self.score = head("score")
+        self.score_pool4 = head("score_pool4", kernel_init=zeros)
+        self.score_pool3 = head("score_pool3", kernel_init=zeros)
 
     def _own_blocks(self, x: jnp.ndarray, domain: str) -> tuple[jnp.ndarray, list[jnp.ndarray]]:
         """Runs one domain's copy of the first k blocks; returns the activation and pools."""
@@ -104,8 +111,7 @@ class FCN8s(nn.Module):
         x = self.score(x)
         x = resize_bilinear_align_corners(x, *pool4.shape[1:3]) + self.score_pool4(pool4)
         x = resize_bilinear_align_corners(x, *pool3.shape[1:3]) + self.score_pool3(pool3)
-        logits = resize_bilinear_align_corners(x, *image_hw)
-        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        return resize_bilinear_align_corners(x, *image_hw)
 
     def __call__(
         self,

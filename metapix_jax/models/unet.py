@@ -4,6 +4,13 @@ W1 gives one weight per pixel, the second of two softmax outputs (= sigmoid(l1 -
 as the authors' U-Net. W19 gives one weight per pixel and class, a sigmoid per class;
 the loss takes the weight of the labeled class. Convolutions start at N(0, 0.01^2) and
 the output bias of the "keep" logit at 1, so every weight starts at about 0.73.
+
+Each 3x3 convolution keeps its bias, as the authors' U-Net, although the instance norm
+after it removes any per-channel constant: those biases have a true gradient of zero and
+move only by rounding noise that Adam rescales (in float32 by under 5e-4 on the demo, in
+bf16 by up to 0.04). They stay, so that checkpoints keep the authors' parameter layout:
+removing them changed the demo's result no more than other float-level changes do
+(BENCHMARKS.md, "bf16").
 """
 
 import flax.linen as nn
@@ -98,15 +105,14 @@ class WeightingUNet(nn.Module):
             start = jnp.zeros(shape, dtype)
             return start.at[1].set(bias) if outputs == 2 else start + bias
 
-        logits = nn.Conv(
+        logits = nn.Conv(  # float32 under bf16 too: the weights need more than 8 bits.
             outputs,
             (1, 1),
-            dtype=self.dtype,
+            dtype=jnp.promote_types(self.dtype, jnp.float32),
             kernel_init=nn.initializers.normal(self.init_std),
             bias_init=bias_init,
             name="out",
         )(x)
-        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         if self.kind == "w1":
             return jax.nn.softmax(logits, axis=-1)[..., 1]
         return jax.nn.sigmoid(logits)
