@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # Progress lines are printed; -v 0 for INFO logs.
     # Imported here so that --help is fast and flag errors come before JAX starts; the
     # config is checked before the training code (TensorFlow, via clu) is even imported.
-    from metapix_jax import validation
+    from metapix_jax import checkpoints, validation
     from metapix_jax.data import sources
 
     try:
@@ -46,7 +46,12 @@ def main(argv: list[str]) -> None:
 
     try:
         run(FLAGS.config, FLAGS.workdir)
-    except (validation.ConfigError, sources.DataError, train.NonFiniteError) as e:
+    except (
+        validation.ConfigError,
+        checkpoints.ModelMismatchError,
+        sources.DataError,
+        train.NonFiniteError,
+    ) as e:
         fail(f"{type(e).__name__}: {e}", 1)
     except train.Interrupted as e:
         fail(str(e), e.exit_code)

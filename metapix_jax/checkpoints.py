@@ -17,8 +17,10 @@ import shutil
 import signal
 from collections.abc import Sequence
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from metapix_jax.state import TrainState
@@ -88,6 +90,42 @@ def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
     manager.wait_until_finished()
 
 
+class ModelMismatchError(ValueError):
+    """A checkpoint holds other parameter shapes than the configured model has."""
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def check_model(manager: ocp.CheckpointManager, template: TrainState, position: int) -> None:
+    """Names the parameters whose saved shape differs from the template's, before Orbax
+    fails on the first one with a message that names none (e.g. eval with another width).
+    """
+    path = epath.Path(manager.directory) / str(position) / "default"
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        saved = handler.metadata(path)
+    finally:
+        handler.close()
+    differences = []
+    for field in ("params", "unet_params"):
+        have, want = _shapes(saved[field]), _shapes(getattr(template, field))
+        for key in sorted(have.keys() | want.keys()):
+            if have.get(key) != want.get(key):
+                found, expected = have.get(key, "absent"), want.get(key, "absent")
+                differences.append(f"{field}{key} is {found} there, {expected} in the config")
+    if differences:
+        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+        workdir = os.path.dirname(str(manager.directory))
+        raise ModelMismatchError(
+            f"checkpoint {position} in {manager.directory} holds another model than the "
+            f"config describes: {differences[0]}{more}; use the config it was trained with "
+            f"({os.path.join(workdir, 'config.json')})"
+        )
+
+
 def restore(
     manager: ocp.CheckpointManager, template: TrainState, position: int | None = None
 ) -> TrainState | None:
@@ -101,6 +139,7 @@ def restore(
             f"eval_checkpoint={position}: no checkpoint at that position in "
             f"{manager.directory}; there are {sorted(manager.all_steps())}"
         )
+    check_model(manager, template, position)
     return manager.restore(position, args=ocp.args.StandardRestore(template))
 
 

@@ -144,3 +144,24 @@ def test_a_checkpoint_restores_into_a_template_that_reads_no_weights(shared, tmp
     restored = checkpoints.restore(manager, parallel.state_template(config, parallel.make_mesh()))
     manager.close()
     assert_bitwise_equal(serialization.to_state_dict(restored), final_state(reference))
+
+
+def test_eval_with_another_model_names_the_parameter_and_the_config(shared):
+    env, data, reference = shared
+    before = checkpoints.finished_positions(reference)
+    proc = run_main(
+        "--config=configs/test.py",
+        f"--workdir={reference}",
+        "--config.mode=eval",
+        "--config.model.width=0.125",
+        data,
+        env=env,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ModelMismatchError: checkpoint {TOTAL} in {reference}/checkpoints")
+    # Width 1/16 -> 1/8: block 2's 128 channels are 8 in the checkpoint, 16 in the config.
+    assert "params['block2']['conv1']['bias'] is (8,) there, (16,) in the config" in last
+    assert f"({reference}/config.json)" in last
+    assert checkpoints.finished_positions(reference) == before  # Nothing moved or removed.
