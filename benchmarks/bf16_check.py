@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from metapix_jax import checkpoints, compare, meta, steps, train  # noqa: E402
+from metapix_jax import checkpoints, compare, meta, parallel, steps, train  # noqa: E402
 from metapix_jax import state as state_lib  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A float32 compare-mode workdir (direct_joint, metapix).")
@@ -95,7 +95,8 @@ def training_batches(config: ml_collections.ConfigDict, workdir: str, count: int
 def gradient_fidelity(config: ml_collections.ConfigDict, workdir: str, position: int) -> None:
     """Part 1: cosine of the bf16 gradients with float32's, batch by batch."""
     manager = checkpoints.make_manager(os.path.join(workdir, "metapix"))
-    state = checkpoints.restore(manager, state_lib.init_state(config), position)
+    template = parallel.state_template(config, parallel.make_mesh())
+    state = checkpoints.restore(manager, template, position)
     manager.close()
     batches = training_batches(config, workdir, FLAGS.num_batches)
     reference = gradient_fns(config, "float32", "float32")
@@ -122,7 +123,8 @@ def bf16_phases_from_joint(config: ml_collections.ConfigDict, workdir: str) -> N
     out = os.path.join(workdir, "bf16_check", "metapix_bf16_from_float32_joint")
     shutil.rmtree(out, ignore_errors=True)
     source = checkpoints.make_manager(os.path.join(workdir, "direct_joint"))
-    joint = checkpoints.restore(source, state_lib.init_state(float32), float32.schedule.joint_steps)
+    template = parallel.state_template(float32, parallel.make_mesh())
+    joint = checkpoints.restore(source, template, float32.schedule.joint_steps)
     source.close()
     dest = checkpoints.make_manager(out)
     checkpoints.save(dest, joint)  # Same U-Net init: it depends on the seed, not the dtype.

@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from metapix_jax import checkpoints, compare, meta, train  # noqa: E402
+from metapix_jax import checkpoints, compare, meta, parallel, train  # noqa: E402
 from metapix_jax import state as state_lib  # noqa: E402
 from metapix_jax.data import labels, sources  # noqa: E402
 
@@ -40,7 +40,9 @@ FLAGS = flags.FLAGS
 def main(_) -> None:
     config = FLAGS.config
     manager = checkpoints.make_manager(FLAGS.workdir)
-    state = checkpoints.restore(manager, state_lib.init_state(config), FLAGS.position)
+    state = checkpoints.restore(
+        manager, parallel.state_template(config, parallel.make_mesh()), FLAGS.position
+    )
     if state is None:
         raise SystemExit(f"no checkpoint in {checkpoints.checkpoint_dir(FLAGS.workdir)}")
     data = train.load_data(config, os.path.dirname(os.path.abspath(FLAGS.workdir)))

@@ -134,8 +134,8 @@ def reuse_pretraining(
             return False
         template = parallel.state_template(source_config, parallel.make_mesh())
         state = checkpoints.restore(source_manager, template, position)
-        fresh = state_lib.init_state(config)
-        state = state.replace(unet_params=fresh.unet_params, unet_opt_state=fresh.unet_opt_state)
+        unet_params, unet_opt_state = state_lib.fresh_weighting(config, 0)
+        state = state.replace(unet_params=unet_params, unet_opt_state=unet_opt_state)
         checkpoints.save(dest_manager, state)
     finally:
         source_manager.close()

@@ -165,16 +165,23 @@ def unet_key(rng: jax.Array, generation: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(rng, 1), generation)
 
 
+def fresh_weighting(config: ml_collections.ConfigDict, generation: int) -> tuple[PyTree, PyTree]:
+    """(U-Net params, their optimiser state) as drawn for `generation` (0-based)."""
+    key = unet_key(jax.random.PRNGKey(config.seed), generation)
+    unet_params = init_weighting_params(config, key)
+    return unet_params, weighting_optimizer(config).init(unet_params)
+
+
 def init_state(config: ml_collections.ConfigDict) -> TrainState:
     """The state at position 0 of the schedule."""
     rng = jax.random.PRNGKey(config.seed)
     params = initial_segmenter_params(config, jax.random.fold_in(rng, 0))
-    unet_params = init_weighting_params(config, unet_key(rng, 0))
+    unet_params, unet_opt_state = fresh_weighting(config, 0)
     return TrainState(
         params=params,
         opt_state=main_segmenter_optimizer(config).init(params),
         unet_params=unet_params,
-        unet_opt_state=weighting_optimizer(config).init(unet_params),
+        unet_opt_state=unet_opt_state,
         rng=jax.random.fold_in(rng, 2),
         step=jnp.zeros((), jnp.int32),
         position=jnp.zeros((), jnp.int32),

@@ -175,12 +175,8 @@ def begin_phase(
     """What happens once at the start of a phase, before its first step (and on resume)."""
     reinit = config.meta.reinit_per_generation and phase.generation > 1
     if phase.kind in schedule.WEIGHT_LEARNING_KINDS and reinit:
-        key = state_lib.unet_key(jax.random.PRNGKey(config.seed), phase.generation - 1)
-        unet_params = state_lib.init_weighting_params(config, key)
-        state = state.replace(
-            unet_params=unet_params,
-            unet_opt_state=state_lib.weighting_optimizer(config).init(unet_params),
-        )
+        unet_params, unet_opt_state = state_lib.fresh_weighting(config, phase.generation - 1)
+        state = state.replace(unet_params=unet_params, unet_opt_state=unet_opt_state)
     if phase.kind in schedule.WEIGHTED_OPTIMIZER_KINDS and config.optim.fresh_weighted_optimizer:
         tx = state_lib.weighted_phase_optimizer(config)
         state = state.replace(opt_state=tx.init(state.params))

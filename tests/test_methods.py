@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from batches import fresh_state, random_batch
 from cli import run_main
 
 from configs import test as test_config
@@ -141,19 +142,7 @@ def tiny():
     config = test_config.get_config()
     config.data.height, config.data.width = 16, 16
     mesh = parallel.make_mesh()
-    rng = np.random.default_rng(0)
-    b, h, w = config.data.source_batch, config.data.height, config.data.width
-    batch = {
-        "source_image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
-        "source_label": rng.integers(0, 19, (b, h, w)).astype(np.int32),
-        "target_image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
-        "target_label": rng.integers(0, 19, (b, h, w)).astype(np.int32),
-    }
-    return config, mesh, parallel.to_global(batch, mesh), parallel.make_steps(config, mesh)
-
-
-def fresh(config, mesh):
-    return parallel.put_replicated(state_lib.init_state(config), mesh)
+    return config, mesh, random_batch(config, mesh), parallel.make_steps(config, mesh)
 
 
 def host(tree):
@@ -178,8 +167,8 @@ def test_finetune_phases_restart_the_weighted_optimiser_only_when_asked():
 
 def test_online_step_moves_both_networks_by_one_position(tiny):
     config, mesh, batch, steps = tiny
-    before = host(fresh(config, mesh))
-    after, metrics = steps.online(fresh(config, mesh), batch)
+    before = host(fresh_state(config, mesh))
+    after, metrics = steps.online(fresh_state(config, mesh), batch)
     assert int(after.position) == 1 and int(after.step) == 1
     assert not trees_equal(before.params, after.params)
     assert not trees_equal(before.unet_params, after.unet_params)
@@ -189,8 +178,8 @@ def test_online_step_moves_both_networks_by_one_position(tiny):
 @pytest.mark.parametrize("kind", ["hrselect"])  # fda and minent: through main.py below.
 def test_new_step_kinds_change_what_they_train(tiny, kind):
     config, mesh, batch, steps = tiny
-    before = host(fresh(config, mesh))
-    after, metrics = getattr(steps, kind)(fresh(config, mesh), batch)
+    before = host(fresh_state(config, mesh))
+    after, metrics = getattr(steps, kind)(fresh_state(config, mesh), batch)
     assert int(after.position) == 1
     assert trees_equal(before.params, after.params) == (kind == "hrselect")
     assert trees_equal(before.unet_params, after.unet_params) == (kind != "hrselect")

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from batches import fresh_state, random_batch
 
 from configs import test as test_config
 from metapix_jax import parallel
@@ -16,22 +17,6 @@ def setup():
     config.data.height, config.data.width = 16, 16
     mesh = parallel.make_mesh()
     return config, mesh, parallel.make_steps(config, mesh)
-
-
-def make_batch(config, mesh, seed=0):
-    rng = np.random.default_rng(seed)
-    b, h, w = config.data.source_batch, config.data.height, config.data.width
-    batch = {
-        "source_image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
-        "source_label": rng.integers(0, 19, (b, h, w)).astype(np.int32),
-        "target_image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
-        "target_label": rng.integers(0, 19, (b, h, w)).astype(np.int32),
-    }
-    return parallel.to_global(batch, mesh)
-
-
-def fresh_state(config, mesh):
-    return parallel.put_replicated(state_lib.init_state(config), mesh)
 
 
 def host(tree):
@@ -51,7 +36,7 @@ def test_weighted_step_leaves_the_unet_unchanged(setup):
     config, mesh, steps = setup
     state = fresh_state(config, mesh)
     before = host(state)  # The step donates its input buffers: copy first.
-    state, metrics = steps.weighted(state, make_batch(config, mesh))
+    state, metrics = steps.weighted(state, random_batch(config, mesh))
     assert_trees_equal(state.unet_params, before.unet_params)
     assert_trees_equal(state.unet_opt_state, before.unet_opt_state)
     assert_trees_differ(state.params, before.params)
@@ -63,7 +48,7 @@ def test_meta_step_leaves_the_segmenter_unchanged(setup):
     config, mesh, steps = setup
     state = fresh_state(config, mesh)
     before = host(state)
-    state, metrics = steps.meta(state, make_batch(config, mesh))
+    state, metrics = steps.meta(state, random_batch(config, mesh))
     assert_trees_equal(state.params, before.params)
     assert_trees_equal(state.opt_state, before.opt_state)
     assert_trees_differ(state.unet_params, before.unet_params)
@@ -95,7 +80,7 @@ def test_joint_and_target_steps_train_only_the_segmenter(setup):
     for step in (steps.joint, steps.target):
         state = fresh_state(config, mesh)
         before = host(state)
-        state, metrics = step(state, make_batch(config, mesh))
+        state, metrics = step(state, random_batch(config, mesh))
         assert_trees_equal(state.unet_params, before.unet_params)
         assert_trees_differ(state.params, before.params)
         assert np.isfinite(float(metrics["loss"]))
@@ -103,7 +88,7 @@ def test_joint_and_target_steps_train_only_the_segmenter(setup):
 
 def test_target_only_step_ignores_the_source(setup):
     config, mesh, steps = setup
-    batch = make_batch(config, mesh)
+    batch = random_batch(config, mesh)
     other = dict(batch, source_image=batch["source_image"] + 1.0)
     a, _ = steps.target(fresh_state(config, mesh), batch)
     b, _ = steps.target(fresh_state(config, mesh), other)
@@ -116,7 +101,7 @@ def test_no_step_retraces_after_its_first_call(setup):
     for name in ("joint", "target", "weighted", "meta"):
         fn = getattr(steps, name)
         for seed in range(3):
-            state, _ = fn(state, make_batch(config, mesh, seed))
+            state, _ = fn(state, random_batch(config, mesh, seed))
         assert fn._cache_size() == 1, name
     eval_batch = {"image": np.zeros((4, 16, 16, 3), np.float32), "label": np.zeros((4, 16, 16))}
     for _ in range(2):
