@@ -35,38 +35,37 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # Progress lines are printed; -v 0 for INFO logs.
     # Imported here so that --help is fast and flag errors come before JAX starts; the
     # config is checked before the training code (TensorFlow, via clu) is even imported.
-    from metapix_jax import checkpoints, validation
+    from metapix_jax import checkpoints, nonfinite, preemption, validation
     from metapix_jax.data import sources
 
     try:
         validation.validate(FLAGS.config, FLAGS.workdir)
     except validation.ConfigError as e:
         fail(f"ConfigError: {e}", 1)
-    from metapix_jax import train
-
     try:
         run(FLAGS.config, FLAGS.workdir)
     except (
         validation.ConfigError,
         checkpoints.ModelMismatchError,
+        checkpoints.NoCheckpointError,
         sources.DataError,
-        train.NonFiniteError,
+        nonfinite.NonFiniteError,
     ) as e:
         fail(f"{type(e).__name__}: {e}", 1)
-    except train.Interrupted as e:
+    except preemption.Interrupted as e:
         fail(str(e), e.exit_code)
 
 
 def run(config, workdir: str) -> None:
     """Dispatches on config.mode (already validated)."""
-    from metapix_jax import compare, predict, results, train
+    from metapix_jax import compare, evaluate, predict, results, train
 
     if config.mode == "train":
         train.train_and_evaluate(config, workdir)
     elif config.mode == "eval":
-        train.evaluate_checkpoint(config, workdir)
+        evaluate.evaluate_checkpoint(config, workdir)
     elif config.mode == "compare":
-        compare.run_comparison(config, workdir)
+        compare.run_comparison(config, workdir, train.train_and_evaluate)
     elif config.mode == "results":
         results.print_results(workdir)
     elif config.mode == "predict":

@@ -19,10 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
     # 'metapix' (Algorithm 1), 'direct_joint' (joint training for as many segmenter steps
     # as MetaPix takes), 'target_only' (target images alone, same number of steps), or a
     # baseline/variant: 'finetune', 'metapix_online', 'hrselect', 'fda', 'minent'
-    # (metapix_jax/schedule.py says what each one trains).
+    # (metapix_jax/methods.py says what each one trains).
     config.method = "metapix"
     # The methods that 'compare' mode runs, each in WORKDIR/<method>; besides the methods
-    # above, compare.VARIANTS names such as 'focal' or 'metapix_w19' (a method + fields).
+    # above, methods.VARIANTS names such as 'focal' or 'metapix_w19' (a method + fields).
     config.compare_methods = ("target_only", "direct_joint", "metapix")
     config.seed = 1234
     # Multi-process runs (several hosts): 'auto' calls jax.distributed.initialize when
@@ -40,8 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.target_eval_split = "val"
     data.height = 512  # Every image is resized to height x width (paper: 1024x512).
     data.width = 1024
-    data.num_classes = 19
-    data.ignore_label = 255
+    data.num_classes = 19  # The Cityscapes train classes (the label maps fix it at 19).
+    data.ignore_label = 255  # Unlabeled pixels' train id (fixed by the label maps).
     data.source_batch = 1  # Global batch of source images per step (paper: 1).
     data.target_batch = 1  # Global batch of target images per step (paper: 1).
     data.eval_batch = 1

@@ -14,7 +14,6 @@ is used.
 import os
 import re
 import shutil
-import signal
 from collections.abc import Sequence
 
 import jax
@@ -25,9 +24,6 @@ from orbax.checkpoint import checkpoint_managers
 
 from metapix_jax.state import TrainState
 
-# Test-only fault hook: 'save:P' kills this process (SIGKILL) in the middle of the save of
-# position P, after the data is written and before the atomic rename. Never set it in use.
-KILL_ENV = "METAPIX_TEST_KILL_AT"
 FINISHED = re.compile(r"^\d+$")  # A finished checkpoint folder; temporary ones have suffixes.
 
 
@@ -68,26 +64,24 @@ def make_manager(
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def _kill_during_save_if_asked(position: int) -> None:
-    """The test-only fault hook (KILL_ENV='save:P'): die just before the rename."""
-    if os.environ.get(KILL_ENV) != f"save:{position}":
-        return
-    from orbax.checkpoint._src.path import atomicity
-
-    async def die(self, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    atomicity.AtomicRenameTemporaryPath.finalize = die
-
-
 def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
     """Saves the state under its own position (atomically: a crash keeps the old ones)."""
     position = int(state.position)
     if manager.latest_step() == position:
         return
-    _kill_during_save_if_asked(position)
     manager.save(position, args=ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()
+
+
+class NoCheckpointError(FileNotFoundError):
+    """A mode that reads a trained run found no checkpoint in its workdir."""
+
+
+def no_checkpoint_message(workdir: str) -> str:
+    return (
+        f"no checkpoint in {checkpoint_dir(workdir)}: train first (mode=train) or point "
+        "--workdir at a trained run"
+    )
 
 
 class ModelMismatchError(ValueError):

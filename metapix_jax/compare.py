@@ -6,15 +6,16 @@ separate the source pixels known to be harmful (mislabeled) from the clean ones.
 
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers
 
-from metapix_jax import checkpoints, parallel, schedule, train
+from metapix_jax import checkpoints, evaluate, methods, parallel, schedule, steps
 from metapix_jax import state as state_lib
-from metapix_jax.data import sources
+from metapix_jax.data import datasets, sources
 
 
 def auroc(negative_scores: np.ndarray, positive_scores: np.ndarray) -> float:
@@ -31,10 +32,10 @@ def auroc(negative_scores: np.ndarray, positive_scores: np.ndarray) -> float:
     return float(u / (n_neg * n_pos))
 
 
-def harmful_mask_path(label_path: str) -> str:
-    """The benchmark keeps the mask of mislabeled pixels beside `labels/` in `harmful/`."""
-    root, name = os.path.split(label_path)
-    return os.path.join(os.path.dirname(root), "harmful", name)
+def harmful_mask_path(image_path: str) -> str:
+    """The benchmark keeps the mask of harmful pixels of images/X.png in harmful/X.png."""
+    folder, name = os.path.split(image_path)
+    return os.path.join(os.path.dirname(folder), "harmful", name)
 
 
 def weight_separation(
@@ -45,29 +46,22 @@ def weight_separation(
     Uses the final weighting network of the run in `workdir` on the first `num_images`
     source images (no flip). A high AUROC means low weights where the labels are wrong.
     """
-    data = train.load_data(config, workdir)
-    pairs = data.source[:num_images]
-    if not pairs or not os.path.exists(harmful_mask_path(pairs[0][1])):
+    data = datasets.get_datasets(config, workdir, with_source=True)
+    images = datasets.Head(data.source, num_images)
+    if not len(images) or not os.path.exists(harmful_mask_path(images.name(0))):
         return None
     mesh = parallel.make_mesh()
-    steps = parallel.make_steps(config, mesh)
-    manager = checkpoints.make_manager(workdir)
-    state = checkpoints.restore(manager, parallel.state_template(config, mesh))
-    manager.close()
-    if state is None:
-        return None
-    state = parallel.put_replicated(state, mesh)
+    state = evaluate.restore_for_reading(config, workdir, mesh)
+    inference = steps.make_inference(config, mesh)
     weights, harmful, valid = [], [], []
-    for i, batch in enumerate(train.eval_stream(config, pairs)):
-        rows = pairs[i * config.data.eval_batch : (i + 1) * config.data.eval_batch]
+    rows = config.data.eval_batch
+    for i, batch in enumerate(data.eval_batches(images)):
         inputs = {"source_image": batch["image"], "source_label": batch["label"]}
-        w = np.asarray(jax.device_get(steps.weights(state, parallel.to_global(inputs, mesh))))
-        if w.ndim == 4:  # W19: the weight of each pixel's labeled class.
-            safe = np.clip(batch["label"], 0, w.shape[-1] - 1)
-            w = np.take_along_axis(w, safe[..., None], -1)[..., 0]
-        for j, (_, label_path) in enumerate(rows):
+        w = np.asarray(jax.device_get(inference.weights(state, parallel.to_global(inputs, mesh))))
+        for j in range(min(rows, len(images) - i * rows)):
             weights.append(w[j].ravel())
-            harmful.append(sources.read_mask(harmful_mask_path(label_path)).ravel())
+            mask = sources.read_mask(harmful_mask_path(images.name(i * rows + j)))
+            harmful.append(mask.ravel())
             valid.append(batch["label"][j].ravel() != config.data.ignore_label)
     w, h, v = np.concatenate(weights), np.concatenate(harmful), np.concatenate(valid)
     w, h = w[v], h[v]
@@ -76,7 +70,7 @@ def weight_separation(
         "mean_weight_harmful": float(w[h].mean()) if h.any() else float("nan"),
         "mean_weight_clean": float(w[~h].mean()),
         "harmful_fraction": float(h.mean()),
-        "images": len(pairs),
+        "images": len(images),
     }
 
 
@@ -146,24 +140,24 @@ def reuse_pretraining(
 
 def method_config(config: ml_collections.ConfigDict, name: str, workdir: str):
     """The config of one entry of the comparison, sharing the benchmark's files."""
-    method, overrides = schedule.resolve(name)
+    method, overrides = methods.resolve(name)
     sub = ml_collections.ConfigDict(config.to_dict())
     sub.method = method
     sub.mode = "train"
-    sub.data.synthetic_root = train.benchmark_root(config, workdir)
+    sub.data.synthetic_root = datasets.benchmark_root(config, workdir)
     for field, value in overrides.items():
         group, key = field.split(".")
         sub[group][key] = value
     return sub
 
 
-def learns_weights(config: ml_collections.ConfigDict) -> bool:
-    """Whether the run trains the U-Net (its weights are then worth measuring)."""
-    return any(p.kind in schedule.WEIGHT_LEARNING_KINDS for p in schedule.phases(config))
-
-
-def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains each of config.compare_methods in WORKDIR/<name>; prints and saves a table.
+def run_comparison(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    train_and_evaluate: Callable[[ml_collections.ConfigDict, str], dict],
+) -> dict:
+    """Trains each of config.compare_methods in WORKDIR/<name> with `train_and_evaluate`
+    (train.py's, passed in by main.py); prints and saves a table.
 
     Runs whose joint phase equals direct_joint's start from its checkpoint at N1, so
     list direct_joint before them to share the pre-training.
@@ -175,8 +169,8 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if name != "direct_joint" and "direct_joint" in results:
             source = configs["direct_joint"]
             reuse_pretraining(sub, source, os.path.join(workdir, "direct_joint"), method_dir)
-        results[name] = {"eval": train.train_and_evaluate(sub, method_dir)}
-        if learns_weights(sub):
+        results[name] = {"eval": train_and_evaluate(sub, method_dir)}
+        if methods.learns_weights(sub):
             results[name]["weights"] = separation = weight_separation(sub, method_dir)
             if separation:
                 write_separation(separation, method_dir, results[name]["eval"]["position"])

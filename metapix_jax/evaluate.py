@@ -1,16 +1,29 @@
-"""mIoU: confusion matrices summed on the devices, divided on the host.
+"""Evaluation: confusion matrices summed on the devices, mIoU on the host, and eval mode.
+
+The confusion counts of a batch come from `steps.confusion_counts` (a jitted step).
 
 IoU_c = TP / (TP + FP + FN); a class with no ground-truth pixel and no prediction has
-no IoU (NaN) and is left out of the mean, as in the Cityscapes evaluator.
+no IoU (NaN) and is left out of the mean, as in the Cityscapes evaluator. Under the
+official protocol (data.eval_protocol='full') the logits are upsampled to the native
+label size before the argmax; the result equals cityscapesscripts' evaluator
+(tests/test_eval_protocol.py).
 """
 
-from collections.abc import Iterable, Sequence
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
 
+import jax
+import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from metapix_jax import parallel
+from metapix_jax import checkpoints, parallel, steps
+from metapix_jax.data import datasets as datasets_lib
+from metapix_jax.data import labels
 from metapix_jax.state import TrainState
-from metapix_jax.steps import Steps
+
+# ---- the maths --------------------------------------------------------------------------
 
 
 def iou_per_class(confusion: np.ndarray) -> np.ndarray:
@@ -58,14 +71,113 @@ def summarize(confusion: np.ndarray, class_names: Sequence[str]) -> dict:
     }
 
 
+# ---- the eval loop ----------------------------------------------------------------------
+
+
 def confusion_over(
-    state: TrainState, steps: Steps, batches: Iterable[dict[str, np.ndarray]], mesh
+    state: TrainState, confusion_fn: Callable, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh
 ) -> np.ndarray:
-    """Sums the eval step's confusion matrices over every batch of an eval pass."""
-    total = None
+    """Sums the confusion matrices (steps.confusion_counts) over every batch of an eval pass.
+
+    The sum stays on the devices (no copy per batch) and moves to the host as int64
+    before an int32 cell could overflow (2^31 pixels: about 1,000 full-size Cityscapes
+    images).
+    """
+    total, running, pixels, seen = 0, None, 0, 0
     for batch in batches:
-        counts = np.asarray(steps.eval(state, parallel.to_global(batch, mesh)), np.int64)
-        total = counts if total is None else total + counts
-    if total is None:
+        counts = confusion_fn(state, parallel.to_global(batch, mesh))
+        running = counts if running is None else running + counts
+        pixels, seen = pixels + batch["label"].size * jax.process_count(), seen + 1
+        if pixels >= 2**30:  # Leaves room for one more batch of up to 2^30 pixels.
+            total, running, pixels = total + np.asarray(running, np.int64), None, 0
+    if not seen:
         raise ValueError("the evaluation split has no images")
-    return total
+    return total + (0 if running is None else np.asarray(running, np.int64))
+
+
+def evaluation_result(
+    confusion: np.ndarray, state: TrainState, config: ml_collections.ConfigDict
+) -> dict:
+    """The JSON-ready evaluation of a state: mIoU, per-class IoU and where it was taken."""
+    result = {
+        "method": config.method,
+        "position": int(state.position),
+        "segmenter_steps": int(state.step),
+        "eval_split": config.data.target_eval_split,
+        "eval_protocol": config.data.eval_protocol,
+        **summarize(confusion, labels.CLASS_NAMES),
+    }
+    if config.data.source_kind == "synthia":  # The field's 16- and 13-class means.
+        result["miou_16"] = subset_mean_iou(confusion, SYNTHIA_16)
+        result["miou_13"] = subset_mean_iou(confusion, SYNTHIA_13)
+    return result
+
+
+def write_result(result: dict, workdir: str, writer) -> None:
+    """eval/eval_<position>.json, eval/latest.json (process 0) and TensorBoard scalars."""
+    scalars = {f"eval/{k}": result[k] for k in ("miou", "miou_16", "miou_13") if k in result}
+    ious = result["per_class_iou"].items()
+    scalars.update({f"eval/iou/{k}": v for k, v in ious if v is not None})
+    writer.write_scalars(result["position"], scalars)
+    writer.flush()
+    if jax.process_index() == 0:
+        out = os.path.join(workdir, "eval")
+        os.makedirs(out, exist_ok=True)
+        text = json.dumps(result, indent=2)
+        for name in (f"eval_{result['position']:08d}.json", "latest.json"):
+            with open(os.path.join(out, name), "w") as f:
+                f.write(text)
+
+
+def run_evaluation(
+    state: TrainState,
+    confusion_fn: Callable,
+    data: datasets_lib.Datasets,
+    mesh: Mesh,
+    workdir: str,
+    writer,
+) -> dict:
+    """mIoU on the target eval split; written as JSON in the workdir and to TensorBoard."""
+    config = data.config
+    confusion = confusion_over(state, confusion_fn, data.eval_batches(), mesh)
+    result = evaluation_result(confusion, state, config)
+    write_result(result, workdir, writer)
+    print(
+        f"[{config.method}] eval at position {result['position']}: mIoU {100 * result['miou']:.2f}"
+    )
+    return result
+
+
+# ---- eval mode --------------------------------------------------------------------------
+
+
+def restore_for_reading(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> TrainState:
+    """The checkpoint at config.eval_checkpoint (-1: the latest), replicated over `mesh`.
+
+    For the modes that read a trained run (eval, predict, compare's weight separation).
+    """
+    manager = checkpoints.make_manager(workdir)
+    try:
+        if manager.latest_step() is None:
+            raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(workdir))
+        position = None if config.eval_checkpoint < 0 else config.eval_checkpoint
+        state = checkpoints.restore(manager, parallel.state_template(config, mesh), position)
+    finally:
+        manager.close()
+    return parallel.put_replicated(state, mesh)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Eval mode: mIoU of the latest checkpoint, or of the one at config.eval_checkpoint."""
+    from clu import metric_writers  # Imported where used: it brings the writers' backend.
+
+    parallel.initialize_distributed(config)  # Before anything touches a device.
+    mesh = parallel.make_mesh()
+    state = restore_for_reading(config, workdir, mesh)
+    data = datasets_lib.get_datasets(config, workdir, with_source=False)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=False
+    )
+    with metric_writers.ensure_flushes(writer):
+        confusion_fn = steps.make_inference(config, mesh).confusion
+        return run_evaluation(state, confusion_fn, data, mesh, workdir, writer)

@@ -59,6 +59,5 @@ def hrselect_step(
     new_state = state.replace(
         unet_params=optax.apply_updates(state.unet_params, updates),
         unet_opt_state=unet_opt_state,
-        position=state.position + 1,
     )
     return new_state, {"hrselect_grad_norm": optax.tree.norm(grads), **metrics}

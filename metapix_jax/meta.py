@@ -1,125 +1,118 @@
 """The meta step: Algorithm 2 of the paper, a gradient through a gradient.
 
-`target_loss_after_inner_step` is Loss^t(phi) of Eq. 4: it computes the pixel weights,
-the weighted source loss, one differentiable inner optimiser step on the segmenter, and
-the target loss under the stepped segmenter. `jax.grad` of it with respect to phi alone
-is the meta-gradient of Eq. 5. The segmenter itself is not changed by a meta step.
+`meta_loss` is Loss^t(phi) of Eq. 4, lines 3-7 of Algorithm 2: the pixel weights, the
+weighted source loss, one differentiable inner step on the segmenter, and the target
+loss under the stepped segmenter. `meta_step` is line 8: `jax.grad` of it with respect
+to phi alone (Eq. 5) and an Adam step on phi. The segmenter is not changed by a meta
+step. The shape follows optax's meta-learning example: the inner optimiser's
+`update` and `apply_updates` run inside the function that `jax.grad` differentiates.
 """
 
+import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
-from metapix_jax import losses
+from metapix_jax import state as state_lib
+from metapix_jax import steps
 from metapix_jax.models.fcn8s import FCN8s
 from metapix_jax.models.unet import WeightingUNet
 from metapix_jax.state import TrainState
-from metapix_jax.steps import (
-    Batch,
-    Metrics,
-    segmenter_step,
-    source_weights,
-    step_key,
-    weight_statistics,
-)
+
+INNER_OPTIMIZERS = ("sgd", "adam")
 
 
-def target_loss_given_weights(
-    weights: jnp.ndarray,
-    seg_params: Any,
-    batch: Batch,
-    key: jax.Array,
-    *,
-    model: FCN8s,
-    inner_tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict,
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Lines 4-7 of Algorithm 2 for given pixel weights W: (L_t(theta+(W)), L_s(theta, W))."""
-    d = config.data
-    source_key, target_key = jax.random.split(key)
+@dataclasses.dataclass(frozen=True)
+class InnerStep:
+    """Line 6's optimiser, and whether it starts from the segmenter's own optimiser state."""
 
-    def weighted_source_loss(params: Any) -> jnp.ndarray:  # line 4: L_s(theta, W)
-        logits, _ = model.apply(
-            {"params": params}, batch["source_image"], None, train=True,
-            rngs={"dropout": source_key},
-        )  # fmt: skip
-        return losses.segmentation_loss(
-            logits,
-            batch["source_label"],
-            ignore_label=d.ignore_label,
-            normalization=config.loss.source_normalization,
-            weights=weights,
-        )
+    tx: optax.GradientTransformation
+    from_segmenter_state: bool
 
-    source_loss, grads = jax.value_and_grad(weighted_source_loss)(seg_params)  # line 5: g
-    updates, _ = inner_tx.update(grads, inner_tx.init(seg_params), seg_params)
-    stepped_params = optax.apply_updates(seg_params, updates)  # line 6: theta+
-    _, logits_t = model.apply(
-        {"params": stepped_params}, None, batch["target_image"], train=True,
-        rngs={"dropout": target_key},
-    )  # fmt: skip
-    target_loss = losses.segmentation_loss(  # line 7: L_t(theta+)
-        logits_t,
-        batch["target_label"],
-        ignore_label=d.ignore_label,
-        normalization=config.loss.target_normalization,
+
+def inner_step(config: ml_collections.ConfigDict) -> InnerStep:
+    """The differentiable inner step that meta.inner_optimizer names.
+
+    'sgd' (the paper): theta+ = theta - alpha g, alpha = meta.inner_learning_rate.
+    'adam': the update the next weighted step would really make, i.e. the segmenter's
+    weighted-phase optimiser from its current moments and count (or from a fresh state
+    when optim.fresh_weighted_optimizer restarts it); meta.inner_learning_rate is unused.
+    """
+    m = config.meta
+    if m.inner_optimizer == "sgd":
+        return InnerStep(optax.sgd(m.inner_learning_rate), from_segmenter_state=False)
+    if m.inner_optimizer == "adam":
+        # eps_root keeps the square root differentiable where a second moment is zero.
+        tx = state_lib.segmenter_optimizer(config, weighted_phase=True, eps_root=1e-16)
+        return InnerStep(tx, from_segmenter_state=not config.optim.fresh_weighted_optimizer)
+    raise ValueError(
+        f"meta.inner_optimizer must be one of {INNER_OPTIMIZERS}, got {m.inner_optimizer!r}"
     )
-    return target_loss, source_loss
 
 
-def target_loss_after_inner_step(
+def meta_loss(
     unet_params: Any,
-    seg_params: Any,
-    batch: Batch,
-    key: jax.Array,
+    state: TrainState,
+    batch: steps.Batch,
     *,
     model: FCN8s,
     unet: WeightingUNet,
-    inner_tx: optax.GradientTransformation,
+    inner: InnerStep,
     config: ml_collections.ConfigDict,
-) -> tuple[jnp.ndarray, Metrics]:
-    """Loss^t(phi) of Eq. 4: the target loss after one weighted source step from theta."""
-    weights = source_weights(unet, unet_params, batch)  # line 3: W(phi)
-    target_loss, source_loss = target_loss_given_weights(
-        weights, seg_params, batch, key, model=model, inner_tx=inner_tx, config=config
-    )
+    weights: jax.Array | None = None,
+) -> tuple[jax.Array, steps.Metrics]:
+    """Lines 3-7: Loss^t(phi), the target loss after one step on the W-weighted source loss.
+
+    `weights` replaces line 3's W (the benchmarks differentiate with respect to W itself).
+    """
+    if weights is None:
+        weights = steps.source_weights(unet, unet_params, batch)  # line 3: W = f_phi(x_s, y_s)
+    source_key, target_key = jax.random.split(steps.step_key(state))
+
+    def weighted_source_loss(params: Any) -> jax.Array:  # line 4: L_s(theta, W)
+        logits_s, _ = model.apply(
+            {"params": params}, batch["source_image"], None, train=True,
+            rngs={"dropout": source_key},
+        )  # fmt: skip
+        return steps.source_loss(logits_s, batch, config, weights)
+
+    source_loss, grads = jax.value_and_grad(weighted_source_loss)(state.params)  # line 5: g
+    opt_state = state.opt_state if inner.from_segmenter_state else inner.tx.init(state.params)
+    updates, _ = inner.tx.update(grads, opt_state, state.params)
+    stepped = optax.apply_updates(state.params, updates)  # line 6: theta+
+    _, logits_t = model.apply(
+        {"params": stepped}, None, batch["target_image"], train=True,
+        rngs={"dropout": target_key},
+    )  # fmt: skip
+    target_loss = steps.target_loss(logits_t, batch, config)  # line 7: L_t(theta+)
     metrics = {
         "meta_source_loss": source_loss,
-        **weight_statistics(weights, batch["source_label"], config.data.ignore_label),
+        **steps.weight_statistics(weights, batch["source_label"], config.data.ignore_label),
     }
     return target_loss, metrics
 
 
 def meta_step(
     state: TrainState,
-    batch: Batch,
+    batch: steps.Batch,
     *,
     model: FCN8s,
     unet: WeightingUNet,
-    inner_tx: optax.GradientTransformation,
+    inner: InnerStep,
     unet_tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
-) -> tuple[TrainState, Metrics]:
-    """Algorithm 2: phi <- Adam step on dLoss^t/dphi; theta is left as it is."""
-    meta_loss = jax.value_and_grad(target_loss_after_inner_step, has_aux=True)
-    (target_loss, metrics), meta_grads = meta_loss(
-        state.unet_params,
-        state.params,
-        batch,
-        step_key(state),
-        model=model,
-        unet=unet,
-        inner_tx=inner_tx,
-        config=config,
+) -> tuple[TrainState, steps.Metrics]:
+    """Line 8: phi <- Adam step on dLoss^t/dphi (Eq. 5); theta is left as it is."""
+    loss_and_grad = jax.value_and_grad(meta_loss, has_aux=True)
+    (target_loss, metrics), meta_grads = loss_and_grad(
+        state.unet_params, state, batch, model=model, unet=unet, inner=inner, config=config
     )
     updates, unet_opt_state = unet_tx.update(meta_grads, state.unet_opt_state, state.unet_params)
-    new_state = state.replace(  # line 8
+    new_state = state.replace(
         unet_params=optax.apply_updates(state.unet_params, updates),
         unet_opt_state=unet_opt_state,
-        position=state.position + 1,
     )
     metrics = {
         "meta_target_loss": target_loss,
@@ -127,43 +120,3 @@ def meta_step(
         **metrics,
     }
     return new_state, metrics
-
-
-def online_step(
-    state: TrainState,
-    batch: Batch,
-    *,
-    model: FCN8s,
-    unet: WeightingUNet,
-    inner_tx: optax.GradientTransformation,
-    unet_tx: optax.GradientTransformation,
-    seg_tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict,
-) -> tuple[TrainState, Metrics]:
-    """Online MetaPix: a meta step on phi, then a weighted step on theta, on the same batch.
-
-    One schedule position per pair, so the weighted phases keep MetaPix's N3 segmenter
-    steps while phi follows theta step by step instead of being learned before it moves.
-    The same batch serves both halves (the weights are those just updated on it); the
-    meta half draws its dropout from a separate key so that no mask is used twice.
-    """
-    meta_rng = jax.random.fold_in(state.rng, 1)
-    meta_state, meta_metrics = meta_step(
-        state.replace(rng=meta_rng),
-        batch,
-        model=model,
-        unet=unet,
-        inner_tx=inner_tx,
-        unet_tx=unet_tx,
-        config=config,
-    )
-    new_state, metrics = segmenter_step(
-        meta_state.replace(rng=state.rng, position=state.position),
-        batch,
-        model=model,
-        unet=unet,
-        tx=seg_tx,
-        config=config,
-        source_term="weighted",
-    )
-    return new_state, {**meta_metrics, **metrics}

@@ -5,7 +5,6 @@ The state is replicated (`P()`), batches are split along their first axis
 CPU, eight GPUs or several hosts after `jax.distributed.initialize()`.
 """
 
-import functools
 import os
 
 import jax
@@ -14,9 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metapix_jax import hrselect, meta, nonfinite
 from metapix_jax import state as state_lib
-from metapix_jax import steps as steps_lib
 
 DISTRIBUTED_MODES = ("auto", "on", "off")
 # Variables by which a launcher says that it started several processes.
@@ -83,16 +80,19 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
-def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
-    """Every global batch must split evenly over the devices and the processes."""
-    devices, processes = jax.device_count(), jax.process_count()
+def batch_size_problems(
+    config: ml_collections.ConfigDict, devices: int, processes: int
+) -> list[str]:
+    """Every global batch must split evenly over the devices and over the processes."""
+    problems = []
     for field in ("source_batch", "target_batch", "eval_batch"):
         size = config.data[field]
-        if size <= 0 or size % devices or size % processes:
-            raise ValueError(
-                f"data.{field}={size} must be a positive multiple of the {devices} devices "
+        if isinstance(size, int) and size > 0 and (size % devices or size % processes):
+            problems.append(
+                f"config.data.{field}={size} must be a multiple of the {devices} devices "
                 f"(over {processes} processes)"
             )
+    return problems
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -111,74 +111,21 @@ def put_replicated(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
-def make_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> steps_lib.Steps:
-    """Binds models and optimisers into the step functions and jits them on the mesh."""
-    model = state_lib.make_segmenter(config)
-    unet = state_lib.make_weighting_net(config)
-    main_tx = state_lib.main_segmenter_optimizer(config)
-    weighted_tx = (
-        state_lib.weighted_phase_optimizer(config)
-        if config.optim.fresh_weighted_optimizer
-        else main_tx
-    )
-    segmenter = functools.partial(steps_lib.segmenter_step, model=model, unet=unet, config=config)
-    meta_parts = {
-        "model": model,
-        "unet": unet,
-        "inner_tx": state_lib.inner_optimizer(config),
-        "unet_tx": state_lib.weighting_optimizer(config),
-        "config": config,
-    }
+def jit_train_step(step, mesh: Mesh):
+    """A `(state, batch) -> (state, metrics)` step jitted on `mesh`: the state replicated and
+    donated (updated in place), the batch split over `data`, XLA adding the all-reduce."""
     rep, split = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(step, in_shardings=(rep, split), out_shardings=(rep, rep), donate_argnums=0)
 
-    def train_jit(fn):
-        fn = nonfinite.guard(fn, skip=config.nonfinite == "skip")  # Flags (or skips) NaN steps.
-        return jax.jit(fn, in_shardings=(rep, split), out_shardings=(rep, rep), donate_argnums=0)
 
-    def eval_jit(fn):
-        return jax.jit(fn, in_shardings=(rep, split), out_shardings=rep)
-
-    return steps_lib.Steps(
-        joint=train_jit(functools.partial(segmenter, tx=main_tx, source_term="unweighted")),
-        target=train_jit(functools.partial(segmenter, tx=main_tx, source_term="none")),
-        weighted=train_jit(functools.partial(segmenter, tx=weighted_tx, source_term="weighted")),
-        meta=train_jit(
-            functools.partial(
-                meta.meta_step,
-                model=model,
-                unet=unet,
-                inner_tx=state_lib.inner_optimizer(config),
-                unet_tx=state_lib.weighting_optimizer(config),
-                config=config,
-            )
-        ),
-        eval=eval_jit(functools.partial(steps_lib.eval_step, model=model, config=config)),
-        predict=jax.jit(
-            functools.partial(steps_lib.predict, model=model),
-            in_shardings=(rep, split),
-            out_shardings=split,
-        ),
-        weights=jax.jit(
-            lambda state, batch: steps_lib.source_weights(unet, state.unet_params, batch),
-            in_shardings=(rep, split),
-            out_shardings=split,
-        ),
-        finetune=train_jit(functools.partial(segmenter, tx=weighted_tx, source_term="unweighted")),
-        online=train_jit(functools.partial(meta.online_step, seg_tx=weighted_tx, **meta_parts)),
-        hrselect=train_jit(
-            functools.partial(
-                hrselect.hrselect_step, unet=unet, unet_tx=meta_parts["unet_tx"], config=config
-            )
-        ),
-        fda=train_jit(
-            functools.partial(segmenter, tx=main_tx, source_term="unweighted", restyle_source=True)
-        ),
-        minent=train_jit(
-            functools.partial(
-                segmenter,
-                tx=main_tx,
-                source_term="unweighted",
-                entropy_weight=config.minent.weight,
-            )
-        ),
+def jit_replicated_output(fn, mesh: Mesh):
+    """A `(state, batch) -> value` function whose value every process holds whole (a sum)."""
+    return jax.jit(
+        fn, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh)
     )
+
+
+def jit_split_output(fn, mesh: Mesh):
+    """A `(state, batch) -> per-example values` function, its output split like its batch."""
+    split = batch_sharded(mesh)
+    return jax.jit(fn, in_shardings=(replicated(mesh), split), out_shardings=split)

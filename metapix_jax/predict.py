@@ -23,14 +23,13 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from metapix_jax import checkpoints, parallel
-from metapix_jax.data import labels, pipeline, sources
+from metapix_jax import evaluate, parallel, steps
+from metapix_jax.data import datasets, labels, pipeline, sources
 from metapix_jax.models.resize import resize_bilinear_align_corners
 from metapix_jax.state import TrainState
-from metapix_jax.steps import Steps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
-WEIGHTS_FOR = ("", "source")
+WEIGHTS_FOR = ("", "source")  # config.predict.weights_for
 
 
 def find_images(pattern: str) -> list[str]:
@@ -110,60 +109,19 @@ def write_prediction(stem: str, image: np.ndarray, ids: np.ndarray, p) -> None:
         write_png(f"{stem}_trainIds.png", ids)
 
 
-def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> TrainState:
-    """The latest checkpoint (or config.eval_checkpoint's), replicated over the mesh."""
-    manager = checkpoints.make_manager(workdir)
-    if manager.latest_step() is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}: train first "
-            "(mode=train) or point --workdir at a trained run"
-        )
-    position = None if config.eval_checkpoint < 0 else config.eval_checkpoint
-    state = checkpoints.restore(manager, parallel.state_template(config, mesh), position)
-    manager.close()
-    return parallel.put_replicated(state, mesh)
-
-
-def check_options(config: ml_collections.ConfigDict) -> None:
-    """Errors that name the field, before anything is loaded."""
-    p = config.predict
-    if p.weights_for not in WEIGHTS_FOR:
-        raise ValueError(f"predict.weights_for must be one of {WEIGHTS_FOR}, got {p.weights_for!r}")
-    if not p.input and not p.weights_for:
-        raise ValueError("predict.input is empty: give a folder of images or a glob")
-    if not 0 <= p.overlay <= 1:
-        raise ValueError(f"predict.overlay must be in [0, 1], got {p.overlay}")
-    if jax.process_count() > 1:
-        raise ValueError("predict mode runs in one process; start it without multi-host")
-
-
-def segment_images(config, state: TrainState, steps: Steps, mesh, paths, output: str) -> None:
+def segment_images(
+    config, state: TrainState, inference: steps.Inference, mesh, paths, output: str
+) -> None:
     """Writes the PNGs of every image in `paths` under `output`."""
     batch_size = config.data.eval_batch
     stems = output_stems(paths, output)
     for start, chunk in chunks(paths, batch_size):
         images = [read_rgb(p) for p in chunk]
         x = stack_padded([network_input(im, config) for im in images], batch_size)
-        logits = steps.predict(state, parallel.to_global({"x": x}, mesh)["x"])
+        logits = inference.predict(state, parallel.to_global({"x": x}, mesh)["x"])
         for i, image in enumerate(images):
             ids = np.asarray(labels_at_size(logits[i], *image.shape[:2])).astype(np.uint8)
             write_prediction(stems[start + i], image, ids, config.predict)
-
-
-def source_label_table(config: ml_collections.ConfigDict) -> np.ndarray:
-    """Label id -> train id of the configured source dataset."""
-    if config.data.source_kind == "synthia":
-        return labels.SYNTHIA_ID_TO_TRAIN_ID
-    return labels.CITYSCAPES_ID_TO_TRAIN_ID
-
-
-def labeled_class_weight(weights: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """W1: the map itself. W19: each pixel's weight for its labeled class (0 where unlabeled)."""
-    if weights.ndim == 2:
-        return weights
-    valid = label < weights.shape[-1]
-    safe = np.where(valid, label, 0)
-    return np.where(valid, np.take_along_axis(weights, safe[..., None], -1)[..., 0], 0.0)
 
 
 def grey_at_size(weights: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -174,13 +132,17 @@ def grey_at_size(weights: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(np.rint(np.asarray(resized) * 255), 0, 255).astype(np.uint8)
 
 
-def export_weights(config, state: TrainState, steps: Steps, mesh, pairs, output: str) -> None:
-    """<output>/<name>_weights.png for each (image, label) pair (paper Fig. 3)."""
+def export_weights(
+    config, state: TrainState, inference: steps.Inference, mesh, images, output: str
+) -> None:
+    """<output>/<name>_weights.png for each source example (paper Fig. 3).
+
+    Unlabeled pixels are drawn black: their weight multiplies a zero loss.
+    """
     d = config.data
-    table = source_label_table(config)
-    stems = output_stems([image for image, _ in pairs], output)
-    for start, chunk in chunks(pairs, d.eval_batch):
-        examples = [sources.read_example(image, label, table) for image, label in chunk]
+    stems = output_stems([images.name(i) for i in range(len(images))], output)
+    for start, chunk in chunks(list(range(len(images))), d.eval_batch):
+        examples = [images.read(i) for i in chunk]
         inputs = [
             pipeline.preprocess(im, lab, (d.height, d.width), False, d.normalization)
             for im, lab in examples
@@ -189,40 +151,29 @@ def export_weights(config, state: TrainState, steps: Steps, mesh, pairs, output:
             "source_image": stack_padded([x for x, _ in inputs], d.eval_batch),
             "source_label": stack_padded([y for _, y in inputs], d.eval_batch, d.ignore_label),
         }
-        weights = np.asarray(jax.device_get(steps.weights(state, parallel.to_global(batch, mesh))))
-        for i, (image, _) in enumerate(examples):
-            w = labeled_class_weight(weights[i], inputs[i][1])
-            write_png(f"{stems[start + i]}_weights.png", grey_at_size(w, *image.shape[:2]))
-
-
-def source_pairs(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, str]]:
-    """The first predict.num_weight_images (image, label) pairs of the configured source."""
-    from metapix_jax import train  # The data layout logic lives there (it imports clu).
-
-    pairs = train.load_data(config, workdir).source
-    if not pairs:
-        raise ValueError(
-            f"predict.weights_for='source' needs source images, and method={config.method!r} "
-            "uses none"
+        weights = np.asarray(
+            jax.device_get(inference.weights(state, parallel.to_global(batch, mesh)))
         )
-    return pairs[: config.predict.num_weight_images]
+        for i, (image, _) in enumerate(examples):
+            label = inputs[i][1]
+            w = np.where(label == d.ignore_label, 0.0, weights[i])
+            write_png(f"{stems[start + i]}_weights.png", grey_at_size(w, *image.shape[:2]))
 
 
 def run_prediction(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Predict mode (see the module docstring)."""
-    check_options(config)
     p = config.predict
     paths = find_images(p.input) if p.input else []
     output = p.output or os.path.join(workdir, "predict")
     mesh = parallel.make_mesh()
-    parallel.check_batch_sizes(config)
-    steps = parallel.make_steps(config, mesh)
-    state = restore_state(config, workdir, mesh)
+    inference = steps.make_inference(config, mesh)
+    state = evaluate.restore_for_reading(config, workdir, mesh)
     if paths:
-        segment_images(config, state, steps, mesh, paths, output)
+        segment_images(config, state, inference, mesh, paths, output)
         print(f"predict: {len(paths)} images segmented into {output}", flush=True)
     if p.weights_for == "source":
-        pairs = source_pairs(config, workdir)
+        data = datasets.get_datasets(config, workdir, with_source=True)
+        images = datasets.Head(data.source, p.num_weight_images)
         weights_dir = os.path.join(output, "source_weights")
-        export_weights(config, state, steps, mesh, pairs, weights_dir)
-        print(f"predict: weight maps of {len(pairs)} source images in {weights_dir}", flush=True)
+        export_weights(config, state, inference, mesh, images, weights_dir)
+        print(f"predict: weight maps of {len(images)} source images in {weights_dir}", flush=True)

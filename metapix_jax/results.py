@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 
-from metapix_jax.validation import flatten
+from metapix_jax import methods
+from metapix_jax.workdir import flatten
 
 # Fields that differ between runs without changing what is trained.
 IGNORED_FIELDS = (
@@ -31,17 +32,6 @@ IGNORED_FIELDS = (
     "data.synthetic_root",
     "data.source_root",
     "data.target_root",
-)
-METHOD_ORDER = (
-    "target_only",
-    "direct_joint",
-    "finetune",
-    "focal",
-    "fda",
-    "minent",
-    "hrselect",
-    "metapix",
-    "metapix_online",
 )
 
 
@@ -94,7 +84,8 @@ def group_runs(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
     def order(key):
         method, setting = key
-        rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+        order = list(methods.METHODS)  # The table's order is the paper's.
+        rank = order.index(method) if method in order else len(order)
         return rank, method, setting
 
     return {key: groups[key] for key in sorted(groups, key=order)}

@@ -82,33 +82,43 @@ def _is_bias(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "bias", params)
 
 
+def segmenter_schedule(config: ml_collections.ConfigDict, weighted_phase: bool) -> optax.Schedule:
+    """The segmenter's lr by optimiser step: polynomial decay to 0 (paper 4.3).
+
+    Over the whole schedule (N1 + G * N3 segmenter steps), or, for a weighted phase with
+    optim.fresh_weighted_optimizer, from weighted_learning_rate over that phase's N3 steps.
+    """
+    o = config.optim
+    if weighted_phase and o.fresh_weighted_optimizer:
+        rate, horizon = o.weighted_learning_rate, config.schedule.weighted_steps
+    else:
+        rate, horizon = o.learning_rate, total_segmenter_steps(config)
+    return optax.polynomial_schedule(rate, 0.0, o.poly_power, max(horizon, 1))
+
+
 def segmenter_optimizer(
-    config: ml_collections.ConfigDict, learning_rate: float, decay_steps: int
+    config: ml_collections.ConfigDict, weighted_phase: bool, eps_root: float = 0.0
 ) -> optax.GradientTransformation:
     """Adam with coupled L2, a 2x bias lr and polynomial decay (paper 4.3, authors' code).
 
     The weight decay is added to the gradient before Adam (PyTorch Adam's weight_decay),
-    which is not AdamW's decoupled decay.
+    which is not AdamW's decoupled decay. The last transformation is the lr schedule, so
+    `learning_rate` reads its step count there. `eps_root` > 0 keeps the update
+    differentiable where a second moment is zero (the meta step's Adam inner step).
     """
     o = config.optim
-    schedule = optax.polynomial_schedule(learning_rate, 0.0, o.poly_power, max(decay_steps, 1))
     return optax.chain(
         optax.add_decayed_weights(o.weight_decay),
-        optax.scale_by_adam(o.b1, o.b2, o.eps),
+        optax.scale_by_adam(o.b1, o.b2, o.eps, eps_root),
         optax.masked(optax.scale(o.bias_lr_mult), _is_bias),
-        optax.scale_by_learning_rate(schedule),
+        optax.scale_by_learning_rate(segmenter_schedule(config, weighted_phase)),
     )
 
 
-def weighted_phase_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The fresh optimiser of a weighted phase (optim.fresh_weighted_optimizer)."""
-    o = config.optim
-    return segmenter_optimizer(config, o.weighted_learning_rate, config.schedule.weighted_steps)
-
-
-def main_segmenter_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The optimiser that runs over the whole schedule."""
-    return segmenter_optimizer(config, config.optim.learning_rate, total_segmenter_steps(config))
+def learning_rate(config: ml_collections.ConfigDict, opt_state: PyTree, weighted_phase: bool):
+    """The lr the segmenter optimiser applies at its next update: its schedule at its count."""
+    count = opt_state[-1].count  # The chain's last state: scale_by_learning_rate's.
+    return segmenter_schedule(config, weighted_phase)(count)
 
 
 def weighting_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -119,17 +129,6 @@ def weighting_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTran
         optax.scale_by_adam(m.b1, m.b2, m.eps),
         optax.scale_by_learning_rate(m.learning_rate),
     )
-
-
-def inner_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The differentiable inner step of Algorithm 2 (line 6)."""
-    m = config.meta
-    if m.inner_optimizer == "sgd":
-        return optax.sgd(m.inner_learning_rate)
-    if m.inner_optimizer == "adam":
-        # eps_root keeps the square root differentiable where a gradient is zero.
-        return optax.adam(m.inner_learning_rate, eps_root=1e-16)
-    raise ValueError(f"meta.inner_optimizer must be 'sgd' or 'adam', got {m.inner_optimizer!r}")
 
 
 def _dummy_inputs(config: ml_collections.ConfigDict) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -179,7 +178,7 @@ def init_state(config: ml_collections.ConfigDict) -> TrainState:
     unet_params, unet_opt_state = fresh_weighting(config, 0)
     return TrainState(
         params=params,
-        opt_state=main_segmenter_optimizer(config).init(params),
+        opt_state=segmenter_optimizer(config, weighted_phase=False).init(params),
         unet_params=unet_params,
         unet_opt_state=unet_opt_state,
         rng=jax.random.fold_in(rng, 2),

@@ -6,7 +6,6 @@ problem at once; `check_config_unchanged` refuses to continue a run in a workdir
 was trained with different settings (the checkpoints would silently mix two runs).
 """
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -14,49 +13,28 @@ from typing import Any
 
 import ml_collections
 
-from metapix_jax import checkpoints, losses, schedule
-from metapix_jax.data import labels, pipeline, sources, synthetic
+from metapix_jax import (
+    checkpoints,
+    errors,
+    losses,
+    meta,
+    methods,
+    nonfinite,
+    parallel,
+    predict,
+    schedule,
+)
+from metapix_jax import workdir as workdir_lib
+from metapix_jax.data import labels, normalization, pipeline, sources, synthetic
+from metapix_jax.models.unet import WEIGHTING_KINDS
 from metapix_jax.state import DTYPES
 
 MODES = ("train", "eval", "compare", "results", "predict")
-WEIGHTING_KINDS = ("w1", "w19")  # models/unet.py
-INNER_OPTIMIZERS = ("sgd", "adam")  # state.inner_optimizer
 FC6_PADDINGS = ("VALID", "SAME")
-NONFINITE_MODES = ("stop", "skip")
-TARGET_FORMATS = ("folder", "tfds")  # train.target_examples
-DISTRIBUTED_MODES = ("auto", "on", "off")  # parallel.initialize_distributed
+TARGET_FORMATS = ("folder", "tfds")  # data/datasets.target_examples
 MAX_SPLIT_BLOCK = 5  # VGG-16 has five blocks.
 
-# Fields that may change between runs in one workdir: they do not change the trajectory
-# (what is logged, saved or evaluated, where the data lives, how fast it is decoded).
-EXEMPT_FIELDS = (
-    "mode",
-    "log_every",
-    "image_every",
-    "checkpoint_every",
-    "keep_periodic",
-    "eval_at_phase_end",
-    "eval_checkpoint",
-    "compare_methods",
-    "allow_config_change",
-    "nonfinite",
-    "data.source_root",
-    "data.target_root",
-    "data.synthetic_root",
-    "data.num_threads",
-    "data.num_workers",
-    "distributed",
-    "coordinator_address",
-    "num_processes",
-    "process_id",
-    "data.eval_batch",
-    "data.target_eval_split",
-)
-EXEMPT_PREFIXES = ("predict",)  # Any field of a prediction mode.
-
-
-class ConfigError(ValueError):
-    """A config value is not allowed; the message names the field and what it may be."""
+ConfigError = errors.ConfigError
 
 
 def _integer(value: Any) -> bool:
@@ -99,80 +77,86 @@ def fraction(closed_top: bool) -> Callable[[Any], str | None]:
     )
 
 
-def field_rules() -> dict[str, Callable[[Any], str | None]]:
-    """Field -> check. Methods come from schedule.METHODS, which other modules extend."""
-    return {
-        "mode": one_of(MODES),
-        "method": one_of(schedule.METHODS),
-        "seed": int_at_least(0),
-        "nonfinite": one_of(NONFINITE_MODES),
-        "distributed": one_of(DISTRIBUTED_MODES),
-        "num_processes": int_at_least(-1),
-        "process_id": int_at_least(-1),
-        "data.height": int_at_least(1),
-        "data.width": int_at_least(1),
-        "data.num_classes": int_at_least(1),
-        "data.ignore_label": int_in(0, 255),
-        "data.source_batch": int_at_least(1),
-        "data.target_batch": int_at_least(1),
-        "data.eval_batch": int_at_least(1),
-        "data.normalization": one_of(pipeline.NORMALIZATIONS),
-        "data.num_threads": int_at_least(1),
-        "data.num_workers": int_at_least(0),
-        "data.source_kind": one_of(sources.SOURCE_KINDS),
-        "data.eval_protocol": one_of(pipeline.EVAL_PROTOCOLS),
-        "data.target_format": one_of(TARGET_FORMATS),
-        "data.synthetic_seed": int_at_least(0),
-        "data.synthetic_num_source": int_at_least(1),
-        "data.synthetic_num_target_train": int_at_least(1),
-        "data.synthetic_num_target_val": int_at_least(1),
-        "data.synthetic_gap": non_negative(),
-        "data.synthetic_harm_rate": fraction(closed_top=True),
-        "model.width": positive(),
-        "model.fc_dim": int_at_least(1),
-        "model.fc6_kernel": int_at_least(1),
-        "model.fc6_padding": one_of(FC6_PADDINGS),
-        "model.split_block": int_in(0, MAX_SPLIT_BLOCK),
-        "model.dropout": fraction(closed_top=False),
-        "model.dtype": one_of(tuple(DTYPES)),
-        "weighting.kind": one_of(WEIGHTING_KINDS),
-        "weighting.base_channels": int_at_least(1),
-        "weighting.depth": int_at_least(1),
-        "weighting.init_std": non_negative(),
-        "schedule.joint_steps": int_at_least(0),
-        "schedule.meta_steps": int_at_least(0),
-        "schedule.weighted_steps": int_at_least(0),
-        "schedule.generations": int_at_least(0),
-        "optim.learning_rate": positive(),
-        "optim.b1": fraction(closed_top=False),
-        "optim.b2": fraction(closed_top=False),
-        "optim.eps": positive(),
-        "optim.poly_power": non_negative(),
-        "optim.bias_lr_mult": positive(),
-        "optim.weight_decay": non_negative(),
-        "optim.weighted_learning_rate": positive(),
-        "meta.inner_optimizer": one_of(INNER_OPTIMIZERS),
-        "meta.inner_learning_rate": positive(),
-        "meta.learning_rate": positive(),
-        "meta.b1": fraction(closed_top=False),
-        "meta.b2": fraction(closed_top=False),
-        "meta.eps": positive(),
-        "meta.weight_decay": non_negative(),
-        "loss.source_normalization": one_of(losses.NORMALIZATIONS),
-        "loss.target_normalization": one_of(losses.NORMALIZATIONS),
-        "loss.kind": one_of(losses.LOSS_KINDS),
-        "loss.focal_gamma": non_negative(),
-        "fda.beta": _rule(lambda v: _number(v) and 0 <= v <= 0.5, "in [0, 0.5]"),
-        "minent.weight": non_negative(),
-        "predict.overlay": fraction(closed_top=True),
-        "predict.weights_for": one_of(("", "source")),
-        "predict.num_weight_images": int_at_least(1),
-        "log_every": int_at_least(1),
-        "image_every": int_at_least(0),
-        "checkpoint_every": int_at_least(0),
-        "keep_periodic": int_at_least(1),
-        "eval_checkpoint": int_at_least(-1),
-    }
+# Field -> check; the allowed values come from the modules that use them.
+FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
+    "mode": one_of(MODES),
+    "method": one_of(tuple(methods.METHODS)),
+    "seed": int_at_least(0),
+    "nonfinite": one_of(nonfinite.MODES),
+    "distributed": one_of(parallel.DISTRIBUTED_MODES),
+    "num_processes": int_at_least(-1),
+    "process_id": int_at_least(-1),
+    "data.height": int_at_least(1),
+    "data.width": int_at_least(1),
+    "data.num_classes": _rule(
+        lambda v: _integer(v) and v == labels.NUM_CLASSES,
+        f"{labels.NUM_CLASSES}: the label maps, class names and evaluation are the "
+        "Cityscapes train classes (data/labels.py)",
+    ),
+    "data.ignore_label": _rule(
+        lambda v: _integer(v) and v == labels.IGNORE_LABEL,
+        f"{labels.IGNORE_LABEL}: the label maps write it for unlabeled pixels (data/labels.py)",
+    ),
+    "data.source_batch": int_at_least(1),
+    "data.target_batch": int_at_least(1),
+    "data.eval_batch": int_at_least(1),
+    "data.normalization": one_of(normalization.NORMALIZATIONS),
+    "data.num_threads": int_at_least(1),
+    "data.num_workers": int_at_least(0),
+    "data.source_kind": one_of(sources.SOURCE_KINDS),
+    "data.eval_protocol": one_of(pipeline.EVAL_PROTOCOLS),
+    "data.target_format": one_of(TARGET_FORMATS),
+    "data.synthetic_seed": int_at_least(0),
+    "data.synthetic_num_source": int_at_least(1),
+    "data.synthetic_num_target_train": int_at_least(1),
+    "data.synthetic_num_target_val": int_at_least(1),
+    "data.synthetic_gap": non_negative(),
+    "data.synthetic_harm_rate": fraction(closed_top=True),
+    "model.width": positive(),
+    "model.fc_dim": int_at_least(1),
+    "model.fc6_kernel": int_at_least(1),
+    "model.fc6_padding": one_of(FC6_PADDINGS),
+    "model.split_block": int_in(0, MAX_SPLIT_BLOCK),
+    "model.dropout": fraction(closed_top=False),
+    "model.dtype": one_of(tuple(DTYPES)),
+    "weighting.kind": one_of(WEIGHTING_KINDS),
+    "weighting.base_channels": int_at_least(1),
+    "weighting.depth": int_at_least(1),
+    "weighting.init_std": non_negative(),
+    "schedule.joint_steps": int_at_least(0),
+    "schedule.meta_steps": int_at_least(0),
+    "schedule.weighted_steps": int_at_least(0),
+    "schedule.generations": int_at_least(0),
+    "optim.learning_rate": positive(),
+    "optim.b1": fraction(closed_top=False),
+    "optim.b2": fraction(closed_top=False),
+    "optim.eps": positive(),
+    "optim.poly_power": non_negative(),
+    "optim.bias_lr_mult": positive(),
+    "optim.weight_decay": non_negative(),
+    "optim.weighted_learning_rate": positive(),
+    "meta.inner_optimizer": one_of(meta.INNER_OPTIMIZERS),
+    "meta.inner_learning_rate": positive(),
+    "meta.learning_rate": positive(),
+    "meta.b1": fraction(closed_top=False),
+    "meta.b2": fraction(closed_top=False),
+    "meta.eps": positive(),
+    "meta.weight_decay": non_negative(),
+    "loss.source_normalization": one_of(losses.NORMALIZATIONS),
+    "loss.target_normalization": one_of(losses.NORMALIZATIONS),
+    "loss.kind": one_of(losses.LOSS_KINDS),
+    "loss.focal_gamma": non_negative(),
+    "fda.beta": _rule(lambda v: _number(v) and 0 <= v <= 0.5, "in [0, 0.5]"),
+    "minent.weight": non_negative(),
+    "predict.overlay": fraction(closed_top=True),
+    "predict.weights_for": one_of(predict.WEIGHTS_FOR),
+    "predict.num_weight_images": int_at_least(1),
+    "log_every": int_at_least(1),
+    "image_every": int_at_least(0),
+    "checkpoint_every": int_at_least(0),
+    "keep_periodic": int_at_least(1),
+    "eval_checkpoint": int_at_least(-1),
+}
 
 
 def lookup(config: ml_collections.ConfigDict, field: str) -> Any:
@@ -185,7 +169,7 @@ def lookup(config: ml_collections.ConfigDict, field: str) -> Any:
 
 def field_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     """'config.<field>=<value> must be ...' for every field that breaks its rule."""
-    for field, check in field_rules().items():
+    for field, check in FIELD_RULES.items():
         try:
             value = lookup(config, field)
         except (KeyError, AttributeError):
@@ -200,26 +184,18 @@ def schedule_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     s = config.schedule
     lengths = (s.joint_steps, s.meta_steps, s.weighted_steps, s.generations)
     if config.mode in ("train", "compare") and all(_integer(n) and n >= 0 for n in lengths):
-        if config.method in schedule.METHODS and schedule.total_positions(config) == 0:
+        if config.method in methods.METHODS and schedule.total_positions(config) == 0:
             yield (
                 "config.schedule: the schedule has no steps (joint_steps, generations x "
                 "(meta_steps + weighted_steps) are all 0); give at least one phase a length"
             )
     if config.mode == "compare":
         for method in config.compare_methods:
-            if method not in schedule.METHODS and method not in schedule.VARIANTS:
+            if method not in methods.METHODS and method not in methods.VARIANTS:
                 yield (
-                    f"config.compare_methods: {method!r} must be one of {schedule.METHODS} "
-                    f"or a variant {tuple(schedule.VARIANTS)}"
+                    f"config.compare_methods: {method!r} must be one of "
+                    f"{tuple(methods.METHODS)} or a variant {tuple(methods.VARIANTS)}"
                 )
-
-
-def device_problems(config: ml_collections.ConfigDict, devices: int) -> Iterator[str]:
-    """Every global batch splits evenly over the devices."""
-    for field in ("source_batch", "target_batch", "eval_batch"):
-        size = config.data[field]
-        if _integer(size) and size > 0 and size % devices:
-            yield f"config.data.{field}={size} must be a multiple of the {devices} devices"
 
 
 def data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
@@ -231,7 +207,7 @@ def data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
         yield from confusion_problems(d.synthetic_confusions)
         return
     roots = [] if d.target_format == "tfds" else [("target_root", d.target_root)]
-    needs_source = config.method in schedule.METHODS and schedule.needs_source(config)
+    needs_source = config.method in methods.METHODS and methods.reads_source(config)
     if needs_source and not d.source_prepared:
         roots.insert(0, ("source_root", d.source_root))
     for field, root in roots:
@@ -272,31 +248,34 @@ def confusion_problems(text: Any) -> Iterator[str]:
             yield f"{field}: {source!r}>{written!r} must name classes of {names}"
 
 
+def predict_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
+    """Predict mode needs something to segment or weight maps to draw."""
+    if config.mode == "predict" and not config.predict.input and not config.predict.weights_for:
+        yield (
+            "config.predict.input is empty: give a folder of images or a glob (or "
+            "predict.weights_for='source' for weight maps alone)"
+        )
+
+
 def checkpoint_problems(config: ml_collections.ConfigDict, workdir: str) -> Iterator[str]:
     """Eval and predict need something to evaluate."""
     if config.mode not in ("eval", "predict"):
         return
-    folder = checkpoints.checkpoint_dir(workdir)
     if not checkpoints.finished_positions(workdir):
-        yield (
-            f"config.mode={config.mode!r}: no checkpoint in {folder}: train first (mode=train) or "
-            "point --workdir at a trained run"
-        )
+        yield f"config.mode={config.mode!r}: {checkpoints.no_checkpoint_message(workdir)}"
 
 
-def count_devices(config: ml_collections.ConfigDict, problems: list[str]) -> int:
-    """All devices of all processes: joins a multi-process run first (parallel.py).
+def count_devices(config: ml_collections.ConfigDict, problems: list[str]) -> tuple[int, int]:
+    """(devices, processes) of the run: joins a multi-process run first (parallel.py).
 
     Only here is the backend started; with a bad `distributed` field nothing is joined.
     """
     if any(p.startswith(("config.distributed", "config.num_processes")) for p in problems):
-        return 1
+        return 1, 1
     import jax
 
-    from metapix_jax import parallel
-
     parallel.initialize_distributed(config)
-    return jax.device_count()
+    return jax.device_count(), jax.process_count()
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str, devices: int | None = None) -> None:
@@ -308,70 +287,13 @@ def validate(config: ml_collections.ConfigDict, workdir: str, devices: int | Non
     """
     problems = list(field_problems(config))
     problems += schedule_problems(config) if not problems else []
-    if devices is None:
-        devices = count_devices(config, problems)
-    problems += device_problems(config, devices)
+    devices, processes = count_devices(config, problems) if devices is None else (devices, 1)
+    problems += parallel.batch_size_problems(config, devices, processes)
     problems += data_problems(config)
     problems += path_problems(config)
+    problems += predict_problems(config)
     problems += checkpoint_problems(config, workdir)
     if problems:
         raise ConfigError("\n".join(problems))
     if config.mode == "train":  # Compare mode checks each method's workdir when it gets there.
-        check_config_unchanged(config, workdir)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples (as JSON gives them back)."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
-def exempt(field: str) -> bool:
-    return field in EXEMPT_FIELDS or field.split(".")[-1].startswith(EXEMPT_PREFIXES)
-
-
-def config_as_saved(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config as config.json holds it (tuples become lists), flattened."""
-    return flatten(json.loads(config.to_json_best_effort()))
-
-
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'field: old -> new' for every non-exempt field that differs."""
-    changes = []
-    for field in sorted(set(saved) | set(current)):
-        if exempt(field):
-            continue
-        old, new = saved.get(field, "<absent>"), current.get(field, "<absent>")
-        if old != new:
-            changes.append(f"{field}: {old!r} -> {new!r}")
-    return changes
-
-
-def check_config_unchanged(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-    """Refuses a workdir whose config.json differs in a field that changes training.
-
-    Returns the changes that were allowed (config.allow_config_change), to be reported.
-    """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        return []
-    try:
-        with open(path) as f:
-            saved = flatten(json.load(f))
-    except ValueError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); move it away to start over") from e
-    changes = config_changes(saved, config_as_saved(config))
-    if changes and not config.get("allow_config_change", False):
-        raise ConfigError(
-            f"workdir {workdir} was trained with a different config ({path}): "
-            + "; ".join(changes)
-            + ". Use a new --workdir, or pass --config.allow_config_change=True to go on "
-            "from its checkpoints with the new values"
-        )
-    return changes
+        workdir_lib.check_config_unchanged(config, workdir)

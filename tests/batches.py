@@ -1,9 +1,9 @@
-"""Random training batches and fresh states on a mesh, for the in-process step tests."""
+"""Random training batches, fresh states and the jitted steps on a mesh, for the step tests."""
 
 import jax
 import numpy as np
 
-from metapix_jax import parallel
+from metapix_jax import methods, parallel
 from metapix_jax import state as state_lib
 
 
@@ -23,3 +23,8 @@ def random_batch(config, mesh, seed: int = 0) -> dict[str, jax.Array]:
 def fresh_state(config, mesh):
     """The position-0 state, replicated over `mesh`."""
     return parallel.put_replicated(state_lib.init_state(config), mesh)
+
+
+def all_steps(config, mesh) -> dict:
+    """Every phase kind's step as the training loop runs it (guarded, advancing, jitted)."""
+    return methods.compile_steps(config, mesh, methods.PHASE_KINDS)

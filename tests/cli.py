@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from metapix_jax.checkpoints import KILL_ENV
+from metapix_jax.faults import KILL_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

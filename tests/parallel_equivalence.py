@@ -16,8 +16,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from configs import test as test_config  # noqa: E402
-from metapix_jax import parallel  # noqa: E402
+from metapix_jax import methods, parallel  # noqa: E402
 from metapix_jax import state as state_lib  # noqa: E402
+from metapix_jax import steps as steps_lib  # noqa: E402
 
 KINDS = ("joint", "target", "meta", "weighted")
 
@@ -37,17 +38,19 @@ def batches(config, count: int):
 
 def run(config, mesh: Mesh) -> dict:
     """Two steps of each kind in turn, then one eval batch; returns host arrays."""
-    steps = parallel.make_steps(config, mesh)
+    steps = methods.compile_steps(config, mesh, methods.PHASE_KINDS)
     state = parallel.put_replicated(state_lib.init_state(config), mesh)
     stream = batches(config, 2 * len(KINDS) + 1)
     metrics = {}
     for kind in KINDS:
         for i in range(2):
-            state, m = getattr(steps, kind)(state, parallel.to_global(next(stream), mesh))
+            state, m = steps[kind](state, parallel.to_global(next(stream), mesh))
             metrics.update({f"{kind}{i}/{k}": v for k, v in m.items()})
     last = next(stream)
     eval_batch = {"image": last["target_image"], "label": last["target_label"]}
-    confusion = steps.eval(state, parallel.to_global(eval_batch, mesh))
+    confusion = steps_lib.make_inference(config, mesh).confusion(
+        state, parallel.to_global(eval_batch, mesh)
+    )
     sharded = len(state.params["score"]["kernel"].sharding.device_set)
     return jax.device_get({"state": state, "metrics": metrics, "confusion": confusion}), sharded
 
@@ -84,11 +87,8 @@ def main() -> None:
         "position": [int(one["state"].position), int(four["state"].position)],
     }
     config.data.source_batch = 6  # Does not split over 4 devices.
-    try:
-        parallel.check_batch_sizes(config)
-        report["batch_error"] = None
-    except ValueError as error:
-        report["batch_error"] = str(error)
+    problems = parallel.batch_size_problems(config, jax.device_count(), jax.process_count())
+    report["batch_error"] = "\n".join(problems) or None
     print("RESULT " + json.dumps(report))
 
 

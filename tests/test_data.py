@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metapix_jax.data import labels, pipeline, sources, synthetic
+from metapix_jax.data import labels, normalization, pipeline, sources, synthetic
 
 REF_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
            25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
@@ -163,7 +163,9 @@ def test_preprocess_resize_and_normalization() -> None:
     )
     x, _ = pipeline.preprocess(image, label, None, True, "imagenet")
     np.testing.assert_allclose(
-        x[0, 0], (np.array([1.0, 0, 0]) - pipeline.IMAGENET_MEAN) / pipeline.IMAGENET_STD, rtol=1e-5
+        x[0, 0],
+        (np.array([1.0, 0, 0]) - normalization.IMAGENET_MEAN) / normalization.IMAGENET_STD,
+        rtol=1e-5,
     )
 
 

@@ -4,8 +4,15 @@ import glob
 import json
 import os
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from cli import run_main
+
+from configs import test as test_config
+from metapix_jax import compare, evaluate, parallel, steps
+from metapix_jax.data import datasets, labels
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +29,63 @@ def test_compare_trains_all_three_methods_and_prints_a_table(compare_run):
     assert "| metapix |" in stdout and "AUROC" in stdout
     results = json.load(open(os.path.join(workdir, "compare.json")))
     assert set(results) == {"target_only", "direct_joint", "metapix"}
-    for r in results.values():
+    for method, r in results.items():
         assert r["eval"]["segmenter_steps"] == 3 + 2 * 2  # N1 + G * N3 for every method.
-        assert 0 <= r["eval"]["miou"] <= 1
+        assert f"| {method} | {100 * r['eval']['miou']:.2f} | 7 |" in stdout
+        latest = json.load(open(os.path.join(workdir, method, "eval", "latest.json")))
+        assert latest == r["eval"]
     assert 0 <= results["metapix"]["weights"]["auroc"] <= 1
+    assert f"AUROC {results['metapix']['weights']['auroc']:.3f}" in stdout
+
+
+def flat_checkpoint(workdir: str, position: int) -> dict:
+    path = os.path.join(workdir, "checkpoints", str(position), "default")
+    return dict(ocp.tree.to_flat_dict(ocp.StandardCheckpointer().restore(path)))
+
+
+def test_metapix_starts_from_direct_joints_pretraining_and_then_departs(compare_run):
+    """Both take the same 3 joint steps (compare mode copies the checkpoint); the weighted
+    phases then train another segmenter than direct joint's."""
+    workdir, _ = compare_run
+    joint_dj, joint_mp = (flat_checkpoint(f"{workdir}/{m}", 3) for m in ("direct_joint", "metapix"))
+    for key, value in joint_dj.items():
+        if key[0] in ("params", "opt_state"):
+            np.testing.assert_array_equal(value, joint_mp[key], err_msg=str(key))
+    final_dj, final_mp = (
+        flat_checkpoint(f"{workdir}/direct_joint", 7),
+        flat_checkpoint(f"{workdir}/metapix", 11),
+    )
+    params = [k for k in final_dj if k[0] == "params"]
+    assert any(not np.array_equal(final_dj[k], final_mp[k]) for k in params)
+
+
+def test_the_reported_miou_equals_a_numpy_confusion_of_the_final_model(compare_run):
+    """The eval JSON against an independent count: the final checkpoint's argmax on every
+    val image, a confusion matrix by numpy's bincount, IoU = TP / (TP + FP + FN)."""
+    workdir, _ = compare_run
+    config = compare.method_config(test_config.get_config(), "metapix", workdir)
+    mesh = parallel.make_mesh()
+    state = evaluate.restore_for_reading(config, f"{workdir}/metapix", mesh)
+    predict = steps.make_inference(config, mesh).predict
+    data = datasets.get_datasets(config, workdir, with_source=False)
+    counts = np.zeros((19, 19), np.int64)
+    for batch in data.eval_batches():
+        logits = np.asarray(
+            jax.device_get(predict(state, parallel.to_global(batch, mesh)["image"]))
+        )
+        label, prediction = batch["label"].ravel(), logits.argmax(-1).ravel()
+        keep = label != 255
+        counts += np.bincount(19 * label[keep] + prediction[keep], minlength=361).reshape(19, 19)
+    tp = np.diag(counts)
+    union = counts.sum(0) + counts.sum(1) - tp
+    expected = {c: tp[i] / union[i] for i, c in enumerate(labels.CLASS_NAMES) if union[i]}
+    reported = json.load(open(f"{workdir}/metapix/eval/latest.json"))
+    assert reported["labeled_pixels"] == int(counts.sum()) > 0
+    got = {c: v for c, v in reported["per_class_iou"].items() if v is not None}
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-12), name
+    assert reported["miou"] == pytest.approx(np.mean(list(expected.values())), abs=1e-12)
 
 
 def test_checkpoints_at_every_phase_end_and_tensorboard_logs(compare_run):

@@ -15,9 +15,9 @@ from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as offic
 from PIL import Image
 
 from configs import test as test_config
-from metapix_jax import evaluate, parallel, train
+from metapix_jax import evaluate, parallel, steps
 from metapix_jax import state as state_lib
-from metapix_jax.data import labels, pipeline, sources
+from metapix_jax.data import datasets, labels, pipeline, sources
 
 NATIVE = (48, 80)  # label height, width: not a multiple of the network size
 NETWORK = (32, 64)
@@ -99,26 +99,28 @@ def setup(tmp_path_factory):
     pairs = _write_val(f"{tmp}/cs", 3)
     state = _random_state(config)
     mesh = parallel.make_mesh()
-    steps = parallel.make_steps(config, mesh)
-    return tmp, config, pairs, parallel.put_replicated(state, mesh), steps, mesh
+    return tmp, config, pairs, parallel.put_replicated(state, mesh), mesh
 
 
 def _our_result(setup, protocol: str, source_kind: str = "gta5") -> dict:
-    tmp, config, pairs, state, steps, mesh = setup
+    tmp, config, pairs, state, mesh = setup
     config = config.copy_and_resolve_references()
     config.data.eval_protocol = protocol
     config.data.source_kind = source_kind
-    data = train.Data(source=[], target_train=[], target_eval=pairs)
-    return train.run_evaluation(state, steps, data, config, mesh, f"{tmp}/run", _Writer())
+    val = sources.PngExamples(tuple(pairs), labels.CITYSCAPES_ID_TO_TRAIN_ID)
+    data = datasets.Datasets(config, source=None, target_train=val, target_eval=val)
+    confusion_fn = steps.make_inference(config, mesh).confusion
+    return evaluate.run_evaluation(state, confusion_fn, data, mesh, f"{tmp}/run", _Writer())
 
 
 def test_full_protocol_equals_the_official_evaluator(setup) -> None:
-    tmp, config, pairs, state, steps, _ = setup
+    tmp, config, pairs, state, mesh = setup
+    inference = steps.make_inference(config, mesh)
     predictions = []
     for i, (image_path, _) in enumerate(pairs):
         image, _ = sources.read_example(image_path, pairs[i][1], labels.CITYSCAPES_ID_TO_TRAIN_ID)
         x, _ = pipeline.preprocess(image, image[..., 0], NETWORK, False, "imagenet")
-        logits = np.asarray(steps.predict(state, x[None]))[0]
+        logits = np.asarray(inference.predict(state, x[None]))[0]
         train_ids = _upsample_align_corners(logits, *NATIVE).argmax(-1)
         path = f"{tmp}/pred/{i}.png"
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -145,7 +147,7 @@ def test_full_protocol_equals_the_official_evaluator(setup) -> None:
 
 
 def test_resized_protocol_resizes_labels_nearest(setup) -> None:
-    _, _, pairs, _, _, _ = setup
+    _, _, pairs, _, _ = setup
     kw = dict(batch_size=4, size=NETWORK, normalization="imagenet")
     lut = labels.CITYSCAPES_ID_TO_TRAIN_ID
     resized = next(pipeline.eval_batches(pairs, lut, protocol="resized", **kw))

@@ -18,9 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
-from metapix_jax import checkpoints, nonfinite, train
+from metapix_jax import checkpoints, methods, nonfinite, preemption, train
 from metapix_jax import state as state_lib
-from metapix_jax.data import sources, synthetic
+from metapix_jax.data import datasets, sources, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,22 +58,16 @@ def bench_root(tmp_path_factory):
 
 def inject_nan_at(monkeypatch, bad_position: int) -> None:
     """Wraps the batch source: the batch of the step to `bad_position` gets a NaN pixel."""
-    init, next_ = train.Batches.__init__, train.Batches.__next__
+    original = datasets.Datasets.train_batches
 
-    def patched_init(self, config, data, position):
-        init(self, config, data, position)
-        self.next_position = position + 1
+    def with_nan(self, position):
+        for next_position, batch in enumerate(original(self, position), start=position + 1):
+            if next_position == bad_position:
+                batch["target_image"] = batch["target_image"].copy()
+                batch["target_image"][0, 0, 0, 0] = np.nan
+            yield batch
 
-    def patched_next(self):
-        batch = next_(self)
-        if self.next_position == bad_position:
-            batch["target_image"] = batch["target_image"].copy()
-            batch["target_image"][0, 0, 0, 0] = np.nan
-        self.next_position += 1
-        return batch
-
-    monkeypatch.setattr(train.Batches, "__init__", patched_init)
-    monkeypatch.setattr(train.Batches, "__next__", patched_next)
+    monkeypatch.setattr(datasets.Datasets, "train_batches", with_nan)
 
 
 def saved(workdir: str, position: int) -> dict:
@@ -86,7 +80,7 @@ def test_nan_stops_with_the_step_named_then_skip_completes(monkeypatch, bench_ro
     inject_nan_at(monkeypatch, 4)
     config = tiny_config()
     config.data.synthetic_root = bench_root
-    with pytest.raises(train.NonFiniteError) as error:
+    with pytest.raises(nonfinite.NonFiniteError) as error:
         train.train_and_evaluate(config, workdir)
     message = str(error.value)
     assert "step 1 of phase joint_gen1 (position 4 of 5)" in message
@@ -110,16 +104,14 @@ def test_guard_flags_and_skips_inside_the_jitted_step():
 
     def step(state, batch):
         loss = jnp.sum(batch["x"])
-        return state.replace(params=state.params + loss, position=state.position + 1), {
-            "loss": loss
-        }
+        return state.replace(params=state.params + loss), {"loss": loss}
 
-    state = train.TrainState(
+    state = state_lib.TrainState(
         params=jnp.arange(3.0), opt_state=(), unet_params=(), unet_opt_state=(),
         rng=jnp.zeros(2, jnp.uint32), step=jnp.int32(0), position=jnp.int32(0),
     )  # fmt: skip
-    skip = jax.jit(nonfinite.guard(step, skip=True))
-    stop = jax.jit(nonfinite.guard(step, skip=False))
+    skip = jax.jit(methods.advancing(nonfinite.guard(step, skip=True)))
+    stop = jax.jit(methods.advancing(nonfinite.guard(step, skip=False)))
     good, bad = {"x": jnp.ones(2)}, {"x": jnp.array([1.0, jnp.inf])}
     new, m = skip(state, good)
     assert float(m["nonfinite"]) == 0 and np.array_equal(new.params, [2.0, 3.0, 4.0])
@@ -133,8 +125,8 @@ def test_guard_flags_and_skips_inside_the_jitted_step():
 def test_first_signal_sets_the_flag_second_aborts():
     code = (
         "import os, signal, time\n"
-        "from metapix_jax import train\n"
-        "with train.InterruptFlag() as flag:\n"
+        "from metapix_jax import preemption\n"
+        "with preemption.InterruptFlag() as flag:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    time.sleep(0.1)\n"
         "    print('flag', flag.signum, flush=True)\n"
@@ -150,7 +142,7 @@ def test_first_signal_sets_the_flag_second_aborts():
     assert "not reached" not in proc.stdout
     assert proc.returncode == -signal.SIGINT
     # Outside the context the previous handler is back.
-    with train.InterruptFlag():
+    with preemption.InterruptFlag():
         pass
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -176,16 +168,16 @@ def corrupt(path: str, rng: np.random.Generator) -> str:
 def read_everything(root: str, config) -> None:
     """Every file through the real loaders: one epoch of each training stream, the eval split."""
     d = config.data
-    data = train.load_data(config, "/nonexistent")
+    data = datasets.get_datasets(config, "/nonexistent", with_source=True)
     streams = (
         ("source", data.source, d.source_batch),
         ("target", data.target_train, d.target_batch),
     )
-    for domain, pairs, batch in streams:
-        stream = train.train_stream(config, pairs, domain, 0)
-        for _ in range(-(-len(pairs) // batch)):
+    for domain, examples, rows in streams:
+        stream = data.stream(examples, domain, 0)
+        for _ in range(-(-len(examples) // rows)):
             next(stream)
-    list(train.eval_stream(config, data.target_eval))
+    list(data.eval_batches())
 
 
 def test_fuzz_corrupted_dataset_files_give_a_data_error_naming_the_file(bench_root, tmp_path):

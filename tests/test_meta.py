@@ -44,6 +44,18 @@ def as_float64(tree):
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
 
 
+def moved_optimizer_state(config, params, steps: int = 3):
+    """The segmenter optimiser's state after a few updates with random gradients: moments
+    and a count that are not the initial ones (what the Adam inner step starts from)."""
+    tx = state_lib.segmenter_optimizer(config, weighted_phase=True)
+    opt_state = tx.init(params)
+    rng = np.random.default_rng(4)
+    for _ in range(steps):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+        _, opt_state = tx.update(grads, opt_state, params)
+    return opt_state
+
+
 # Adam's step g / (|g| + eps) bends sharply where gradients are tiny, so central
 # differences carry a larger O(eps^2) error there: a looser tolerance, not a weaker test.
 @pytest.mark.parametrize(
@@ -54,15 +66,23 @@ def test_meta_gradient_matches_finite_differences(kind, inner, rel):
     with jax.enable_x64(True):
         seg = as_float64(state_lib.init_segmenter_params(config, jax.random.key(0)))
         phi = as_float64(state_lib.init_weighting_params(config, jax.random.key(1)))
+        state = state_lib.TrainState(
+            params=seg,
+            opt_state=moved_optimizer_state(config, seg),
+            unet_params=phi,
+            unet_opt_state=None,
+            rng=jax.random.key_data(jax.random.key(2)),
+            step=jnp.int32(3),
+            position=jnp.int32(5),
+        )
         batch = random_batch(0, config)
         loss = functools.partial(
-            meta.target_loss_after_inner_step,
-            seg_params=seg,
+            meta.meta_loss,
+            state=state,
             batch=batch,
-            key=jax.random.key(2),
             model=state_lib.make_segmenter(config).clone(dtype=jnp.float64),
             unet=state_lib.make_weighting_net(config).clone(dtype=jnp.float64),
-            inner_tx=state_lib.inner_optimizer(config),
+            inner=meta.inner_step(config),
             config=config,
         )
         value = jax.jit(lambda p: loss(p)[0])
@@ -88,3 +108,28 @@ def test_meta_gradient_matches_finite_differences(kind, inner, rel):
             - float(value(jax.tree.map(jnp.subtract, phi, step)))
         ) / (2 * eps)
         assert numeric == pytest.approx(float(jnp.linalg.norm(flat_grad)), rel=rel)
+
+
+def test_adam_inner_step_is_the_update_the_next_weighted_step_makes():
+    """theta+ of the Adam inner step equals the segmenter optimiser's real update from the
+    state's own moments and count, on the weighted source loss (not a fresh Adam's)."""
+    config = tiny_config("w1", "adam")
+    config.optim.weight_decay = 0.0  # Makes no difference to the claim; keeps it exact.
+    params = state_lib.init_segmenter_params(config, jax.random.key(0))
+    opt_state = moved_optimizer_state(config, params)
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.01, p.dtype), params)
+    inner = meta.inner_step(config)
+    assert inner.from_segmenter_state
+    inner_updates, _ = inner.tx.update(grads, opt_state, params)
+    real = state_lib.segmenter_optimizer(config, weighted_phase=True)
+    real_updates, _ = real.update(grads, opt_state, params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12),
+        inner_updates,
+        real_updates,
+    )
+    fresh_updates, _ = real.update(grads, real.init(params), params)
+    differs = jax.tree.map(
+        lambda a, b: bool(np.any(np.abs(a - b) > 1e-9)), inner_updates, fresh_updates
+    )
+    assert any(jax.tree.leaves(differs)), "the moments made no difference: test is blind"

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from batches import fresh_state, random_batch
+from batches import all_steps, fresh_state, random_batch
 from cli import run_main
 
 from configs import test as test_config
-from metapix_jax import compare, fda, hrselect, losses, parallel, results, schedule, train
+from metapix_jax import compare, fda, hrselect, losses, methods, parallel, results, schedule, train
 from metapix_jax import state as state_lib
 
 
@@ -142,7 +142,7 @@ def tiny():
     config = test_config.get_config()
     config.data.height, config.data.width = 16, 16
     mesh = parallel.make_mesh()
-    return config, mesh, random_batch(config, mesh), parallel.make_steps(config, mesh)
+    return config, mesh, random_batch(config, mesh), all_steps(config, mesh)
 
 
 def host(tree):
@@ -162,13 +162,14 @@ def test_finetune_phases_restart_the_weighted_optimiser_only_when_asked():
     assert trees_equal(train.begin_phase(moved, phase, config).opt_state, moved.opt_state)
     config.optim.fresh_weighted_optimizer = True
     restarted = train.begin_phase(moved, phase, config).opt_state
-    assert trees_equal(restarted, state_lib.weighted_phase_optimizer(config).init(state.params))
+    fresh = state_lib.segmenter_optimizer(config, weighted_phase=True).init(state.params)
+    assert trees_equal(restarted, fresh)
 
 
 def test_online_step_moves_both_networks_by_one_position(tiny):
-    config, mesh, batch, steps = tiny
+    config, mesh, batch, step_fns = tiny
     before = host(fresh_state(config, mesh))
-    after, metrics = steps.online(fresh_state(config, mesh), batch)
+    after, metrics = step_fns["online"](fresh_state(config, mesh), batch)
     assert int(after.position) == 1 and int(after.step) == 1
     assert not trees_equal(before.params, after.params)
     assert not trees_equal(before.unet_params, after.unet_params)
@@ -177,9 +178,9 @@ def test_online_step_moves_both_networks_by_one_position(tiny):
 
 @pytest.mark.parametrize("kind", ["hrselect"])  # fda and minent: through main.py below.
 def test_new_step_kinds_change_what_they_train(tiny, kind):
-    config, mesh, batch, steps = tiny
+    config, mesh, batch, step_fns = tiny
     before = host(fresh_state(config, mesh))
-    after, metrics = getattr(steps, kind)(fresh_state(config, mesh), batch)
+    after, metrics = step_fns[kind](fresh_state(config, mesh), batch)
     assert int(after.position) == 1
     assert trees_equal(before.params, after.params) == (kind == "hrselect")
     assert trees_equal(before.unet_params, after.unet_params) == (kind != "hrselect")
@@ -206,7 +207,7 @@ def test_compare_rejects_unknown_names_and_shares_pretraining_only_when_valid():
     config = test_config.get_config()
     config.model.split_block = 0  # So that metapix_k1 is a different segmenter.
     with pytest.raises(ValueError, match="compare_methods"):
-        schedule.resolve("metapixx")
+        methods.resolve("metapixx")
     sig = {
         n: compare.joint_phase_signature(compare.method_config(config, n, "/tmp/x"))
         for n in (
@@ -301,7 +302,7 @@ def test_every_new_method_trains_and_evaluates_through_main(tmp_path):
     )
     for name in ("finetune", "metapix_w19", "metapix_online", "hrselect"):
         assert (
-            f"[{schedule.resolve(name)[0]}] starting from direct_joint's joint phase" in proc.stdout
+            f"[{methods.resolve(name)[0]}] starting from direct_joint's joint phase" in proc.stdout
         )
         assert 0 <= r["eval"]["miou"] <= 1
     assert "[fda] starting" not in proc.stdout and "[direct_joint] starting" not in proc.stdout

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from metapix_jax import parallel
+from metapix_jax import methods, parallel
 from metapix_jax import state as state_lib
 from metapix_jax import steps as steps_lib
 
@@ -184,12 +184,12 @@ def test_bf16_forward_matches_float32():
 def test_a_bf16_train_step_keeps_float32_params_and_optimiser_state():
     config = config_with(model__dtype="bfloat16")
     mesh = parallel.make_mesh()
-    steps = parallel.make_steps(config, mesh)
+    weighted = methods.compile_steps(config, mesh, ["weighted"])["weighted"]
     state = parallel.put_replicated(state_lib.init_state(config), mesh)
     image, label = inputs(config)
     batch = {"source_image": image, "source_label": label}
     batch.update(target_image=image[::-1], target_label=label[::-1])
-    state, metrics = steps.weighted(state, parallel.to_global(jax.device_get(batch), mesh))
+    state, metrics = weighted(state, parallel.to_global(jax.device_get(batch), mesh))
     assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
     for tree in (state.params, state.unet_params, state.opt_state, state.unet_opt_state):
         assert {x.dtype for x in jax.tree.leaves(tree) if x.ndim} == {jnp.dtype("float32")}
@@ -208,9 +208,9 @@ def loss_and_grads(config, seed=0):
     batch.update(target_image=image[::-1], target_label=label[::-1])
 
     def segmenter(p):
-        return steps_lib.segmenter_loss(
+        return steps_lib.joint_loss(
             p, batch, jax.random.key(2), model=model, config=config,
-            source_term="weighted", weights=jnp.full(label.shape, 0.5),
+            weights=jnp.full(label.shape, 0.5),
         )[0]  # fmt: skip
 
     def weighting(p):
@@ -246,16 +246,17 @@ def test_train_steps_donate_the_input_state():
     """The old state's buffers are reused for the new one (deleted on the host side)."""
     config = test_config.get_config()
     mesh = parallel.make_mesh()
-    steps = parallel.make_steps(config, mesh)
+    joint = methods.compile_steps(config, mesh, ["joint"])["joint"]
     image, label = inputs(config)
     batch = {"source_image": image, "source_label": label}
     batch.update(target_image=image, target_label=label)
     batch = parallel.to_global(jax.device_get(batch), mesh)
     state = parallel.put_replicated(state_lib.init_state(config), mesh)
-    new_state, _ = steps.joint(state, batch)
+    new_state, _ = joint(state, batch)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state))
-    confusion = steps.eval(new_state, parallel.to_global({"image": image, "label": label}, mesh))
+    confusion_fn = steps_lib.make_inference(config, mesh).confusion
+    confusion = confusion_fn(new_state, parallel.to_global({"image": image, "label": label}, mesh))
     assert int(confusion.sum()) > 0
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state))  # eval keeps it.
 

@@ -8,15 +8,16 @@ against the model applied in this process.
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from cli import run_main
 from PIL import Image
 
 from configs import test as test_config
-from metapix_jax import checkpoints, predict
+from metapix_jax import checkpoints, losses, predict
 from metapix_jax import state as state_lib
-from metapix_jax.data import labels, pipeline
+from metapix_jax.data import labels, pipeline, sources
 
 SIZES = {"a/one.png": (23, 41), "a/b/two.jpg": (16, 32), "three.png": (50, 30)}  # (h, w)
 
@@ -129,23 +130,28 @@ def test_weight_maps_of_the_first_source_images(predicted, trained):
     workdir, _, _ = trained
     written = sorted(os.listdir(os.path.join(predicted, "source_weights")))
     assert written == ["00001_weights.png", "00002_weights.png", "00003_weights.png"]
-    source = os.path.join(workdir, "benchmark", "gta5", "images")
+    source = os.path.join(workdir, "benchmark", "gta5")
     for name in written:
         weights = Image.open(os.path.join(predicted, "source_weights", name))
         assert weights.mode == "L"
-        image = Image.open(os.path.join(source, name.replace("_weights", "")))
-        assert weights.size == image.size
-        # The zero U-Net's weight 0.5 everywhere: rint(0.5 * 255) = 128.
-        assert np.all(np.asarray(weights) == 128)
+        stem = name.replace("_weights", "")
+        image, label = sources.read_example(
+            f"{source}/images/{stem}", f"{source}/labels/{stem}", labels.CITYSCAPES_ID_TO_TRAIN_ID
+        )
+        assert weights.size == image.shape[1::-1]
+        # The zero U-Net's weight 0.5 everywhere, rint(0.5 * 255) = 128; black where unlabeled.
+        expected = np.where(label == labels.IGNORE_LABEL, 0, 128)
+        np.testing.assert_array_equal(np.asarray(weights), expected)
 
 
 def test_w19_maps_show_the_labeled_class_weight():
     weights = np.arange(2 * 3 * 19, dtype=np.float32).reshape(2, 3, 19) / 200
-    label = np.array([[0, 5, 255], [18, 1, 19]])
-    expected = np.array([[0, 19 + 5, 0], [3 * 19 + 18, 4 * 19 + 1, 0]]) / 200
-    np.testing.assert_allclose(predict.labeled_class_weight(weights, label), expected)
+    label = np.array([[0, 5, 255], [18, 1, 7]])
+    expected = np.array([[0, 19 + 5, 2 * 19 + 18], [3 * 19 + 18, 4 * 19 + 1, 5 * 19 + 7]]) / 200
+    got = np.asarray(losses.labeled_class_weight(jnp.asarray(weights), jnp.asarray(label)))
+    np.testing.assert_allclose(got, expected)  # Ignored pixels: the last class's (unused) weight.
     w1 = weights[..., 0]
-    np.testing.assert_array_equal(predict.labeled_class_weight(w1, label), w1)
+    np.testing.assert_array_equal(losses.labeled_class_weight(w1, label), w1)
 
 
 def test_no_images_matched_is_a_clear_error(trained, tmp_path):
@@ -161,14 +167,3 @@ def test_no_checkpoint_is_a_clear_error(inputs, tmp_path):
     config.predict.input = inputs
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         predict.run_prediction(config, str(tmp_path))
-
-
-def test_bad_options_name_the_field(trained):
-    workdir, config, _ = trained
-    config = config.copy_and_resolve_references()
-    config.predict.weights_for = "target"
-    with pytest.raises(ValueError, match="predict.weights_for must be one of"):
-        predict.run_prediction(config, workdir)
-    config.predict.weights_for = ""
-    with pytest.raises(ValueError, match="predict.input is empty"):
-        predict.run_prediction(config, workdir)

@@ -78,14 +78,14 @@ def test_each_layout_loads_the_right_train_ids(tmp_path) -> None:
     _synthia(f"{tmp_path}/syn")
     pairs = sources.source_pairs("synthia", f"{tmp_path}/syn")
     assert [os.path.basename(p[0]) for p in pairs] == ["0000000.png", "0000001.png", "0000002.png"]
-    examples = sources.PngExamples(tuple(pairs), prepare.source_id_table("synthia"))
+    examples = sources.PngExamples(tuple(pairs), sources.id_to_train_id("synthia"))
     for i in range(3):
         image, label = examples.read(i)
         np.testing.assert_array_equal(image, np.roll(RGB, i, axis=1))
         np.testing.assert_array_equal(label, _expected(np.roll(SYN_IDS, i, axis=1), SYN_REF))
     _gta5(f"{tmp_path}/gta")
     examples = sources.PngExamples(
-        tuple(sources.source_pairs("gta5", f"{tmp_path}/gta")), prepare.source_id_table("gta5")
+        tuple(sources.source_pairs("gta5", f"{tmp_path}/gta")), sources.id_to_train_id("gta5")
     )
     np.testing.assert_array_equal(examples.read(1)[1], _expected(np.roll(CS_IDS, 1, 1), CS_REF))
     _cityscapes(f"{tmp_path}/cs", "val", ["bonn_000000_000019", "aachen_000001_000019"])
@@ -227,7 +227,7 @@ def test_tfds_cityscapes_source_maps_label_ids() -> None:
 
 def test_load_data_and_streams_follow_the_config(tmp_path) -> None:
     from configs import test as test_config
-    from metapix_jax import train
+    from metapix_jax.data import datasets
 
     _synthia(f"{tmp_path}/syn", n=3)
     _cityscapes(f"{tmp_path}/cs", "train", ["bonn_000000_000019", "aachen_000001_000019"])
@@ -240,21 +240,15 @@ def test_load_data_and_streams_follow_the_config(tmp_path) -> None:
     with open(f"{tmp_path}/val.txt", "w") as f:
         f.write("bonn/bonn_000002_000019_leftImg8bit.png\n")
     d.target_eval_list = f"{tmp_path}/val.txt"
-    data = train.load_data(config, str(tmp_path))
+    data = datasets.get_datasets(config, str(tmp_path), with_source=True)
     assert len(data.source) == 3 and len(data.target_train) == 2 and len(data.target_eval) == 1
-    labels_seen = next(train.train_stream(config, data.source, "source", 0))["label"][0]
+    labels_seen = next(data.stream(data.source, "source", 0))["label"][0]
     expected = [_expected(np.roll(SYN_IDS, i, axis=1), SYN_REF) for i in range(3)]
     assert any(np.array_equal(labels_seen, e) for e in expected)  # read with the SYNTHIA table
-    prepare.write_prepared(
-        sources.PngExamples(tuple(data.source), prepare.source_id_table("synthia")),
-        f"{tmp_path}/prep",
-        (6, 10),
-    )
+    prepare.write_prepared(data.source, f"{tmp_path}/prep", (6, 10))
     d.source_prepared = f"{tmp_path}/prep"
-    prepared = train.load_data(config, str(tmp_path)).source
-    assert isinstance(prepared, prepare.PreparedExamples)
-    first = next(train.train_stream(config, prepared, "source", 0))["label"][0]
+    prepared = datasets.get_datasets(config, str(tmp_path), with_source=True)
+    assert isinstance(prepared.source, prepare.PreparedExamples)
+    first = next(prepared.stream(prepared.source, "source", 0))["label"][0]
     np.testing.assert_array_equal(first, labels_seen)
-    d.target_format = "folders"
-    with pytest.raises(ValueError, match="target_format.*folder.*tfds"):
-        train.load_data(config, str(tmp_path))
+    assert datasets.get_datasets(config, str(tmp_path), with_source=False).source is None

@@ -23,6 +23,7 @@ from flax import serialization
 
 from configs import test as test_config
 from metapix_jax import checkpoints, parallel
+from metapix_jax.faults import KILL_ENV
 
 TOTAL = 11
 
@@ -95,7 +96,7 @@ def test_killed_anywhere_and_rerun_ends_bit_identical(shared, tmp_path):
         ("position:11", -signal.SIGKILL, 10, "after a damaged checkpoint 7: resume at 6"),
     ]
     for fault, exit_code, latest, what in faults:
-        proc = train(workdir, {**env, checkpoints.KILL_ENV: fault}, data)
+        proc = train(workdir, {**env, KILL_ENV: fault}, data)
         assert proc.returncode == exit_code, (what, proc.stdout[-2000:], proc.stderr[-3000:])
         assert checkpoints.finished_positions(workdir)[-1] == latest, what
         if fault.startswith("sigterm"):

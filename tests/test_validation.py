@@ -13,6 +13,7 @@ from cli import run_main
 
 from configs import test as test_config
 from metapix_jax import validation
+from metapix_jax import workdir as workdir_lib
 from metapix_jax.validation import ConfigError
 
 # Field -> wrong values (chosen by hand from the README and the paper, not from the rules).
@@ -26,7 +27,8 @@ WRONG = {
     "data.source_batch": [0, -2, None],
     "data.target_batch": [0, -1],
     "data.eval_batch": [0],
-    "data.ignore_label": [-1, 256, 1000],
+    "data.ignore_label": [-1, 256, 1000, 0, 254],
+    "data.num_classes": [2, 18, 1000, 19.0],
     "data.normalization": ["IMAGENET", "", "torch", None],
     "data.num_threads": [0, -4],
     "data.synthetic_harm_rate": [1.5, -0.1, float("nan")],
@@ -159,6 +161,11 @@ def test_real_data_roots_must_exist(tmp_path):
     check(config)
 
 
+def test_predict_needs_input_or_weight_maps():
+    with pytest.raises(ConfigError, match="config.predict.input is empty"):
+        check(tiny_config(mode="predict"))
+
+
 def test_eval_needs_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint in"):
         check(tiny_config(mode="eval"), str(tmp_path))
@@ -171,15 +178,15 @@ def test_config_changes_list_the_fields_and_skip_the_exempt_ones(tmp_path):
     config = tiny_config()
     with open(tmp_path / "config.json", "w") as f:
         f.write(config.to_json_best_effort())
-    assert validation.check_config_unchanged(tiny_config(log_every=7, mode="eval"), tmp_path) == []
+    assert workdir_lib.check_config_unchanged(tiny_config(log_every=7, mode="eval"), tmp_path) == []
     changed = tiny_config(**{"model.width": 0.5, "schedule.meta_steps": 9})
     with pytest.raises(ConfigError) as error:
-        validation.check_config_unchanged(changed, str(tmp_path))
+        workdir_lib.check_config_unchanged(changed, str(tmp_path))
     message = str(error.value)
     assert "model.width: 0.0625 -> 0.5" in message and "schedule.meta_steps: 2 -> 9" in message
     assert "log_every" not in message and "\n" not in message
     changed.allow_config_change = True
-    assert len(validation.check_config_unchanged(changed, str(tmp_path))) == 2
+    assert len(workdir_lib.check_config_unchanged(changed, str(tmp_path))) == 2
 
 
 def test_main_reports_every_problem_as_a_line_without_a_traceback(tmp_path):

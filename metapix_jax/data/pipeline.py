@@ -33,7 +33,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from metapix_jax.data import labels, normalization, sources
+from metapix_jax.data import labels, sources
+from metapix_jax.data import normalization as normalize
 
 EVAL_PROTOCOLS = ("full", "resized")
 
@@ -105,13 +106,6 @@ def read_or_replace(
     raise sources.DataError(f"no readable example at all (first bad one: {first_error})")
 
 
-# Re-exported: the pipeline's users read them here.
-IMAGENET_MEAN = normalization.IMAGENET_MEAN
-IMAGENET_STD = normalization.IMAGENET_STD
-CAFFE_MEAN_BGR = normalization.CAFFE_MEAN_BGR
-NORMALIZATIONS = normalization.NORMALIZATIONS
-
-
 def resize(
     image: np.ndarray, label: np.ndarray, size: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -148,12 +142,7 @@ def preprocess(
     if flip:
         image, label = image[:, ::-1], label[:, ::-1]
     x = image.astype(np.float32)
-    if normalization == "imagenet":
-        x = (x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    elif normalization == "caffe":
-        x = x[..., ::-1] - CAFFE_MEAN_BGR
-    else:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    x = normalize.from_pixels(x[..., ::-1] if normalization == "caffe" else x, normalization)
     return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(label, dtype=np.int32)
 
 
@@ -202,8 +191,10 @@ def _to_batches(ds: grain.MapDataset, rows: int, num_threads: int, num_workers: 
 
 
 def _check_normalization(normalization: str) -> None:
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if normalization not in normalize.NORMALIZATIONS:
+        raise ValueError(
+            f"normalization must be one of {normalize.NORMALIZATIONS}, got {normalization!r}"
+        )
 
 
 def train_batches(

@@ -20,7 +20,7 @@ import struct
 import grain
 import numpy as np
 
-from metapix_jax.data import labels, pipeline, sources
+from metapix_jax.data import pipeline, sources
 
 RECORDS = "examples.array_record"
 META = "meta.json"
@@ -125,31 +125,18 @@ def write_prepared(
     return len(examples)
 
 
-def source_examples(config) -> pipeline.Examples:
-    """The configured source dataset's PNG examples (kind, root, list file)."""
-    d = config.data
-    pairs = sources.source_pairs(d.source_kind, d.source_root)
-    pairs = sources.restrict_to_list(pairs, d.source_root, d.source_list)
-    return sources.PngExamples(tuple(pairs), source_id_table(d.source_kind))
-
-
-def source_id_table(kind: str) -> np.ndarray:
-    """The label id -> train id table of a source layout."""
-    if kind not in sources.SOURCE_KINDS:
-        raise ValueError(f"data.source_kind must be one of {sources.SOURCE_KINDS}, got {kind!r}")
-    return labels.SYNTHIA_ID_TO_TRAIN_ID if kind == "synthia" else labels.CITYSCAPES_ID_TO_TRAIN_ID
-
-
 def main(argv: list[str]) -> None:
     """absl entry point: --config (an ml_collections config file) and --out."""
     from absl import flags
 
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {argv[1:]}")
+    from metapix_jax.data import datasets  # It reads prepared data too: imported late.
+
     config, out = flags.FLAGS.config, flags.FLAGS.out
     d = config.data
     count = write_prepared(
-        source_examples(config),
+        datasets.source_examples(config, d.source_root),
         out,
         (d.height, d.width),
         skip_bad=d.skip_bad_files,

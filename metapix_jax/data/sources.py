@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from metapix_jax.data import labels
+
 
 class DataError(ValueError):
     """A dataset is missing, incomplete or unreadable; the message names the path at fault."""
@@ -72,6 +74,13 @@ def synthia_pairs(root: str) -> list[tuple[str, str]]:
 
 
 SOURCE_KINDS = ("gta5", "synthia")
+
+
+def id_to_train_id(kind: str) -> np.ndarray:
+    """The label id -> train id table of a source layout (config data.source_kind)."""
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"config data.source_kind must be one of {SOURCE_KINDS}, got {kind!r}")
+    return labels.SYNTHIA_ID_TO_TRAIN_ID if kind == "synthia" else labels.CITYSCAPES_ID_TO_TRAIN_ID
 
 
 def source_pairs(kind: str, root: str) -> list[tuple[str, str]]:

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from metapix_jax.models.fcn8s import max_pool_ceil
 from metapix_jax.models.resize import resize_bilinear_align_corners
 
+WEIGHTING_KINDS = ("w1", "w19")
+
 
 class DoubleConv(nn.Module):
     """(3x3 conv -> instance norm without affine -> ReLU) twice; the first to `mid`."""
@@ -76,7 +78,7 @@ class WeightingUNet(nn.Module):
 
     @nn.compact
     def __call__(self, image: jnp.ndarray, label: jnp.ndarray) -> jnp.ndarray:
-        if self.kind not in ("w1", "w19"):
+        if self.kind not in WEIGHTING_KINDS:
             raise ValueError(f"weighting.kind must be 'w1' or 'w19', got {self.kind!r}")
         x = weighting_input(image, label, self.num_classes, self.ignore_label)
 

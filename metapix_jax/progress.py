@@ -1,0 +1,52 @@
+"""Progress lines: steps/s per kind of step and an ETA for the rest of the schedule.
+
+clu's `periodic_actions.ReportProgress` assumes that every step costs the same; here a
+meta step costs several joint steps, so the speed is measured per phase kind and the ETA
+sums each remaining phase's steps at its own kind's speed (the slowest known speed for a
+kind not seen yet).
+"""
+
+import time
+
+import numpy as np
+
+from metapix_jax import schedule
+
+
+class Progress:
+    """Steps/s per step kind and an ETA for the rest of the schedule."""
+
+    def __init__(self, plan: list[schedule.Phase]):
+        self.plan = plan
+        self.total = plan[-1].end if plan else 0
+        self.seconds_per_step: dict[str, float] = {}
+        self.mark: tuple[int, float] | None = None
+
+    def restart(self, position: int) -> None:
+        """Starts timing after a compilation or an evaluation, which are not steps."""
+        self.mark = (position, time.perf_counter())
+
+    def update(self, kind: str, position: int) -> float:
+        """Records the speed since the last mark; returns steps/s."""
+        if self.mark is None or position <= self.mark[0]:
+            return float("nan")
+        steps, seconds = position - self.mark[0], time.perf_counter() - self.mark[1]
+        self.seconds_per_step[kind] = seconds / steps
+        self.restart(position)
+        return steps / seconds
+
+    def eta_seconds(self, position: int) -> float:
+        known = self.seconds_per_step
+        fallback = max(known.values()) if known else float("nan")
+        return sum(
+            max(0, p.end - max(position, p.start)) * known.get(p.kind, fallback) for p in self.plan
+        )
+
+
+def format_seconds(seconds: float) -> str:
+    """h:mm:ss (or m:ss), '?' when unknown."""
+    if not np.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
