@@ -43,7 +43,7 @@ def find_images(pattern: str) -> list[str]:
         if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)
     )
     if not found:
-        raise FileNotFoundError(
+        raise sources.DataError(
             f"predict.input={pattern!r} matched no images (extensions {IMAGE_EXTENSIONS})"
         )
     return found
