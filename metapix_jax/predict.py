@@ -42,7 +42,7 @@ def find_images(pattern: str) -> list[str]:
         if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)
     )
     if not found:
-        raise FileNotFoundError(
+        raise sources.DataError(
             f"predict.input={pattern!r} matched no images (extensions {IMAGE_EXTENSIONS})"
         )
     return found
@@ -55,15 +55,6 @@ def output_stems(paths: list[str], output: str) -> list[str]:
         os.path.join(output, os.path.splitext(os.path.relpath(os.path.abspath(p), common))[0])
         for p in paths
     ]
-
-
-def read_rgb(path: str) -> np.ndarray:
-    """An image file as HxWx3 uint8, or an error naming the file."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise sources.DataError(f"cannot read {path!r}: {e}") from e
 
 
 def network_input(image: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
@@ -116,7 +107,7 @@ def segment_images(
     batch_size = config.data.eval_batch
     stems = output_stems(paths, output)
     for start, chunk in chunks(paths, batch_size):
-        images = [read_rgb(p) for p in chunk]
+        images = [sources.read_image(p) for p in chunk]
         x = stack_padded([network_input(im, config) for im in images], batch_size)
         logits = inference.predict(state, parallel.to_global({"x": x}, mesh)["x"])
         for i, image in enumerate(images):

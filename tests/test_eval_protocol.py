@@ -6,12 +6,16 @@ the network size, upsampled with a numpy bilinear (align corners) interpolation 
 native label size, argmax, mapped to Cityscapes label ids.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+from cityscapesscripts.helpers.labels import id2label
 from PIL import Image
 
 from configs import test as test_config
@@ -19,12 +23,27 @@ from metapix_jax import evaluate, parallel, steps
 from metapix_jax import state as state_lib
 from metapix_jax.data import datasets, labels, pipeline, sources
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NATIVE = (48, 80)  # label height, width: not a multiple of the network size
 NETWORK = (32, 64)
 
 
+def _instance_ids(ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A gtFine instanceIds map: the label id, or id * 1000 + instance for the classes that
+    have instances (person, car, ...), as the official 16-bit files hold."""
+    has_instances = np.zeros(256, bool)
+    for label_id, label in id2label.items():
+        has_instances[max(label_id, 0)] |= label_id >= 0 and label.hasInstances
+    instances = rng.integers(0, 3, ids.shape)
+    return np.where(has_instances[ids], ids.astype(np.int64) * 1000 + instances, ids).astype(
+        np.uint16
+    )
+
+
 def _write_val(root: str, n: int) -> list[tuple[str, str]]:
-    """Cityscapes val: images of random colour blocks, per-pixel random label ids 0..33."""
+    """Cityscapes val: images of random colour blocks, per-pixel random label ids 0..33, and
+    the instanceIds beside the labelIds as in the real dataset (our loader ignores them; the
+    official evaluator's instance-level score reads them)."""
     rng = np.random.default_rng(0)
     for i in range(n):
         stem = f"city_{i:06d}_000019"
@@ -34,6 +53,7 @@ def _write_val(root: str, n: int) -> list[tuple[str, str]]:
         for kind, array, name in [
             ("leftImg8bit", image, "leftImg8bit"),
             ("gtFine", ids, "gtFine_labelIds"),
+            ("gtFine", _instance_ids(ids, rng), "gtFine_instanceIds"),
         ]:
             os.makedirs(f"{root}/{kind}/val/city", exist_ok=True)
             Image.fromarray(array).save(f"{root}/{kind}/val/city/{stem}_{name}.png")
@@ -113,15 +133,23 @@ def _our_result(setup, protocol: str, source_kind: str = "gta5") -> dict:
     return evaluate.run_evaluation(state, confusion_fn, data, mesh, f"{tmp}/run", _Writer())
 
 
-def test_full_protocol_equals_the_official_evaluator(setup) -> None:
-    tmp, config, pairs, state, mesh = setup
+def _predicted_train_ids(setup) -> list[np.ndarray]:
+    """The model's train ids at the native label size, made independently of our eval step."""
+    _, config, pairs, state, mesh = setup
     inference = steps.make_inference(config, mesh)
     predictions = []
-    for i, (image_path, _) in enumerate(pairs):
-        image, _ = sources.read_example(image_path, pairs[i][1], labels.CITYSCAPES_ID_TO_TRAIN_ID)
+    for image_path, label_path in pairs:
+        image, _ = sources.read_example(image_path, label_path, labels.CITYSCAPES_ID_TO_TRAIN_ID)
         x, _ = pipeline.preprocess(image, image[..., 0], NETWORK, False, "imagenet")
         logits = np.asarray(inference.predict(state, x[None]))[0]
-        train_ids = _upsample_align_corners(logits, *NATIVE).argmax(-1)
+        predictions.append(_upsample_align_corners(logits, *NATIVE).argmax(-1).astype(np.uint8))
+    return predictions
+
+
+def test_full_protocol_equals_the_official_evaluator(setup) -> None:
+    tmp, config, pairs, state, mesh = setup
+    predictions = []
+    for i, train_ids in enumerate(_predicted_train_ids(setup)):
         path = f"{tmp}/pred/{i}.png"
         os.makedirs(os.path.dirname(path), exist_ok=True)
         Image.fromarray(labels.TRAIN_ID_TO_CITYSCAPES_ID[train_ids]).save(path)
@@ -182,3 +210,66 @@ def test_full_protocol_needs_one_label_size(tmp_path) -> None:
         list(pipeline.eval_batches(pairs, labels.CITYSCAPES_ID_TO_TRAIN_ID, protocol="full", **kw))
     with pytest.raises(ValueError, match="eval_protocol.*full.*resized"):
         list(pipeline.eval_batches(pairs, labels.CITYSCAPES_ID_TO_TRAIN_ID, protocol="x", **kw))
+
+
+def test_official_command_line_with_instance_files_equals_ours(setup) -> None:
+    """`python -m metapix_jax.data.cityscapes_eval`: the official evaluator's own command line
+    (environment variables, ground-truth search, prediction matching, instance-level score
+    from the instanceIds files, JSON export) on predict-mode style train-id outputs."""
+    tmp, _, pairs, _, _ = setup
+    assert all(os.path.isfile(p[1].replace("labelIds", "instanceIds")) for p in pairs)
+    for (image_path, _), train_ids in zip(pairs, _predicted_train_ids(setup), strict=True):
+        stem = os.path.splitext(os.path.basename(image_path))[0]
+        os.makedirs(f"{tmp}/predict/city", exist_ok=True)  # as predict mode writes them:
+        Image.fromarray(train_ids).save(f"{tmp}/predict/city/{stem}_trainIds.png")
+        Image.fromarray(labels.colorize(train_ids)).save(f"{tmp}/predict/city/{stem}_color.png")
+    os.makedirs(f"{tmp}/export", exist_ok=True)
+    env = dict(
+        os.environ,
+        CITYSCAPES_DATASET=f"{tmp}/cs",
+        CITYSCAPES_RESULTS=f"{tmp}/results",
+        CITYSCAPES_EXPORT_DIR=f"{tmp}/export",
+    )
+    command = [sys.executable, "-m", "metapix_jax.data.cityscapes_eval"]
+    proc = subprocess.run(
+        [*command, f"--train_ids_dir={tmp}/predict"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "converted 3 train-id predictions" in proc.stdout
+    with open(f"{tmp}/export/resultPixelLevelSemanticLabeling.json") as f:
+        reference = json.load(f)
+    ours = _our_result(setup, "full")
+    assert ours["miou"] == pytest.approx(reference["averageScoreClasses"], abs=1e-12)
+    for name in labels.CLASS_NAMES:
+        expected, got = reference["classScores"][name], ours["per_class_iou"][name]
+        assert got is None if np.isnan(expected) else got == pytest.approx(expected, abs=1e-12)
+    # The instance-level score ran (it is what needs np.in1d) and saw instances.
+    assert 0 < reference["averageScoreInstClasses"] <= 1
+    # Run again, the plain way: label-id predictions already in CITYSCAPES_RESULTS.
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(f"{tmp}/export/resultPixelLevelSemanticLabeling.json") as f:
+        assert json.load(f)["averageScoreClasses"] == reference["averageScoreClasses"]
+    # A results folder that is not empty is refused (the evaluator would see two predictions
+    # per frame): one line, no traceback.
+    proc = subprocess.run(
+        [*command, f"--train_ids_dir={tmp}/predict"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("DataError: CITYSCAPES_RESULTS=") and "not empty" in proc.stderr
+
+
+def test_full_protocol_names_the_label_that_differs_from_the_others(tmp_path) -> None:
+    """When the FIRST label has the odd size, the error names it (not the second, correct one):
+    the label sizes are compared from the PNG headers."""
+    pairs = _write_val(str(tmp_path), 4)
+    Image.fromarray(np.zeros((NATIVE[0] + 2, NATIVE[1]), np.uint8)).save(pairs[0][1])
+    kw = dict(batch_size=2, size=NETWORK, normalization="imagenet", num_threads=1)
+    with pytest.raises(sources.DataError) as error:
+        list(pipeline.eval_batches(pairs, labels.CITYSCAPES_ID_TO_TRAIN_ID, protocol="full", **kw))
+    message = str(error.value)
+    assert "3 of 4 are 80x48 (width x height)" in message
+    assert f"{pairs[0][1]!r} (80x50)" in message
+    assert all(p[1] not in message for p in pairs[1:]) and "eval_protocol" in message

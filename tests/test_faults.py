@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
 from configs import test as test_config
 from metapix_jax import checkpoints, methods, nonfinite, preemption, train
@@ -53,6 +54,11 @@ def bench_root(tmp_path_factory):
         num_target_train=d.synthetic_num_target_train,
         num_target_val=d.synthetic_num_target_val,
     )
+    # Real GTA5 has a few images whose size differs from their label's: training must go
+    # through them (each is resized on its own), so this benchmark has one.
+    odd = sorted(glob.glob(f"{root}/gta5/images/*.png"))[0]
+    image = Image.open(odd).convert("RGB")
+    image.resize((d.width + 6, d.height + 3), Image.Resampling.BICUBIC).save(odd)
     return root
 
 
@@ -75,13 +81,17 @@ def saved(workdir: str, position: int) -> dict:
     return ocp.StandardCheckpointer().restore(path)
 
 
-def test_nan_stops_with_the_step_named_then_skip_completes(monkeypatch, bench_root, tmp_path):
+def test_nan_stops_with_the_step_named_then_skip_completes(
+    monkeypatch, bench_root, tmp_path, caplog
+):
     workdir = str(tmp_path)
     inject_nan_at(monkeypatch, 4)
     config = tiny_config()
     config.data.synthetic_root = bench_root
     with pytest.raises(nonfinite.NonFiniteError) as error:
         train.train_and_evaluate(config, workdir)
+    # The first source epoch (4 steps of 2) went through the benchmark's odd-sized image.
+    assert caplog.text.count("each is resized to the training size separately") == 1
     message = str(error.value)
     assert "step 1 of phase joint_gen1 (position 4 of 5)" in message
     assert "loss=nan" in message and "last checkpoint (position 3) is intact" in message

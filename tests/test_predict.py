@@ -158,7 +158,7 @@ def test_no_images_matched_is_a_clear_error(trained, tmp_path):
     workdir, config, _ = trained
     config = config.copy_and_resolve_references()
     config.predict.input = str(tmp_path / "*.png")
-    with pytest.raises(FileNotFoundError, match="matched no images"):
+    with pytest.raises(sources.DataError, match="matched no images"):
         predict.run_prediction(config, workdir)
 
 

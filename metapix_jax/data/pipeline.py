@@ -21,6 +21,8 @@ batches over the workers and interleaves them back in order, so the stream is un
 Bad files: with `skip_bad=True` an unreadable example i is replaced by the next readable one
 (i+1, i+2, ... in the list), which keeps the stream a pure function of (seed, position); each
 replacement is logged with a warning naming the file, and counted (`bad_file_count`).
+An image and label of different sizes are not bad: each is resized to the training size on
+its own (`preprocess`), as the authors' loader does, with one warning per file.
 """
 
 import functools
@@ -106,17 +108,33 @@ def read_or_replace(
     raise sources.DataError(f"no readable example at all (first bad one: {first_error})")
 
 
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 image resized to `size` (height, width), bicubic, with PIL (the authors' setup)."""
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BICUBIC))
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 label resized to `size` (height, width), nearest (so no invented classes)."""
+    return np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.Resampling.NEAREST))
+
+
+_resize_label = resize_label  # `preprocess` has an argument of that name.
+
+
 def resize(
     image: np.ndarray, label: np.ndarray, size: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 image (bicubic) and label (nearest) resized to `size` (height, width) with PIL.
 
     The one resize of the project: `prepare` stores its output, so prepared data and PNGs
-    give identical batches.
+    give identical batches. Each is resized on its own, so an image and label of different
+    sizes (a few real GTA5 pairs) both end at `size`; one already at `size` is left as is.
     """
-    wh = (size[1], size[0])
-    image = np.asarray(Image.fromarray(image).resize(wh, Image.Resampling.BICUBIC))
-    label = np.asarray(Image.fromarray(label).resize(wh, Image.Resampling.NEAREST))
+    size = tuple(size)
+    if tuple(image.shape[:2]) != size:
+        image = resize_image(image, size)
+    if tuple(label.shape) != size:
+        label = resize_label(label, size)
     return image, label
 
 
@@ -131,14 +149,20 @@ def preprocess(
     """Resize to `size` (height, width), optionally flip, normalise.
 
     Image bicubic, label nearest (so no invented classes), both with PIL as the authors' setup
-    does. 'imagenet' matches torchvision VGG weights (RGB/255, mean/std); 'caffe' is what the
-    authors' code feeds (BGR, 0-255, minus the Caffe mean). `size=None` keeps the native size;
-    `resize_label=False` keeps the label at its native size (the official evaluation).
-    Returns float32 HxWx3 and int32 HxW.
+    does, each on its own (an image and label of different sizes both end at `size`, as in
+    the authors' loader). 'imagenet' matches torchvision VGG weights (RGB/255, mean/std);
+    'caffe' is what the authors' code feeds (BGR, 0-255, minus the Caffe mean). `size=None`
+    keeps the native size (a label of another size than its image is then brought to the
+    image's size, nearest); `resize_label=False` keeps the label at its native size (the
+    official evaluation). Returns float32 HxWx3 and int32 HxW.
     """
-    if size is not None and tuple(image.shape[:2]) != tuple(size):
-        image, resized_label = resize(image, label, size)
-        label = resized_label if resize_label else label
+    if size is not None:
+        if tuple(image.shape[:2]) != tuple(size):
+            image = resize_image(image, size)
+        if resize_label and tuple(label.shape) != tuple(size):
+            label = _resize_label(label, size)
+    elif resize_label and label.shape != image.shape[:2]:
+        label = _resize_label(label, image.shape[:2])
     if flip:
         image, label = image[:, ::-1], label[:, ::-1]
     x = image.astype(np.float32)
@@ -248,6 +272,50 @@ def train_batches(
     return iter(_to_batches(ds, batch_size // shard_count, num_threads, num_workers))
 
 
+def _describe(size: tuple[int, int]) -> str:
+    return f"{size[1]}x{size[0]}"
+
+
+def label_size_error(
+    examples: Examples, index: int, size: tuple[int, int], reference: tuple[int, int]
+) -> sources.DataError:
+    """The error for an eval label whose size differs from the first one's.
+
+    The first label is only the reference because it is read first; when it is the odd one,
+    blaming example `index` would name a correct file. So, where the examples can tell their
+    label sizes cheaply (`label_size`, from PNG headers), the message names the files that
+    differ from the majority size, with theirs; otherwise (or on a tie) it names both files.
+    """
+    fix = (
+        "data.eval_protocol='full' needs one native label size for the whole eval split "
+        "(use 'resized' to evaluate at data.height x data.width)"
+    )
+    label_size = getattr(examples, "label_size", None)
+    name = getattr(examples, "label_name", examples.name)
+    if label_size is not None:
+        sizes: dict[tuple[int, int], list[int]] = {}
+        for i in range(len(examples)):
+            found = label_size(i)
+            if found is not None:
+                sizes.setdefault(tuple(found), []).append(i)
+        ranked = sorted(sizes.items(), key=lambda item: -len(item[1]))
+        if len(ranked) > 1 and len(ranked[0][1]) > len(ranked[1][1]):
+            majority, members = ranked[0]
+            odd = [(i, s) for s, ids in ranked[1:] for i in ids]
+            listed = ", ".join(f"{name(i)!r} ({_describe(s)})" for i, s in odd[:5])
+            more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+            return sources.DataError(
+                f"eval labels differ in size: {len(members)} of {len(examples)} are "
+                f"{_describe(majority)} (width x height), but not {listed}{more}: "
+                f"{fix}"
+            )
+    return sources.DataError(
+        f"eval labels differ in size: {name(index)!r} is {_describe(size)}, "
+        f"{name(0)!r} is {_describe(reference)} "
+        f"(width x height): {fix}"
+    )
+
+
 def _eval_example(
     index: int,
     *,
@@ -260,12 +328,7 @@ def _eval_example(
     """Eval example: image resized to `size`; label resized too, or kept at `label_shape`."""
     image, label = read_or_replace(examples, index, skip_bad)
     if label_shape is not None and label.shape != label_shape:
-        raise sources.DataError(
-            f"label of {examples.name(index)!r} is {label.shape[1]}x{label.shape[0]}, but the "
-            f"first eval label is {label_shape[1]}x{label_shape[0]} (width x height): "
-            "data.eval_protocol='full' needs one native label size for the whole eval split "
-            "(use 'resized' to evaluate at data.height x data.width)"
-        )
+        raise label_size_error(examples, index, label.shape, label_shape)
     x, y = preprocess(image, label, size, False, normalization, resize_label=label_shape is None)
     return {"image": x, "label": y}
 
@@ -285,7 +348,8 @@ def eval_batches(
 
     protocol 'resized' (the authors'): images and labels (nearest) at `size`. 'full' (the
     official Cityscapes protocol): images at `size`, labels at their native size, which must be
-    the same for every example (all Cityscapes val labels are 2048x1024); the eval step
+    the same for every example (all Cityscapes val labels are 2048x1024; otherwise a DataError
+    names the labels that differ from the others, see `label_size_error`); the eval step
     upsamples the logits to it. The last batch is padded to `batch_size` with zero images and
     label 255 everywhere, so every batch has one static shape and padding never counts.
     """

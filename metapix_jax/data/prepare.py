@@ -102,9 +102,8 @@ def write_prepared(
 
     def load(index: int) -> bytes:
         image, label = pipeline.read_or_replace(examples, index, skip_bad)
-        if image.shape[:2] != tuple(size):
-            image, label = pipeline.resize(image, label, size)
-        return encode(image, label)
+        # Each to `size` on its own: an image and label of different sizes both get there.
+        return encode(*pipeline.resize(image, label, size))
 
     os.makedirs(out, exist_ok=True)
     records = grain.MapDataset.range(len(examples)).map(load)
