@@ -71,9 +71,17 @@ def get_config() -> ml_collections.ConfigDict:
     data.synthetic_num_target_train = 20
     data.synthetic_num_target_val = 200
     data.synthetic_gap = 1.0  # Strength of the visual domain gap (0 = same rendering).
-    data.synthetic_harm_rate = 0.7  # Chance that a confusable source region is mislabeled.
-    # The source label convention: true class > class written, comma-separated.
+    # Kind of harmful source pixels: confusion, spatial, noise, appearance or none (README).
+    data.synthetic_harm = "confusion"
+    data.synthetic_harm_rate = 0.7  # 'confusion': chance that a confusable region is mislabeled.
+    # 'confusion': the source label convention, true class > class written, comma-separated.
     data.synthetic_confusions = "sidewalk>road,terrain>vegetation,car>truck,bus>train"
+    data.synthetic_spatial_rate = 0.7  # 'spatial': chance that a region is annotated coarsely.
+    data.synthetic_spatial_px = 2  # 'spatial': how far a coarse annotation spills (pixels).
+    data.synthetic_noise_rate = 0.12  # 'noise': chance that a region gets a random other class.
+    # 'appearance': true class > class whose look it takes in the source (labels stay right).
+    data.synthetic_appearance = "sidewalk>road,terrain>vegetation,car>truck,bus>train"
+    data.synthetic_appearance_rate = 0.7  # 'appearance': chance that a region takes that look.
 
     # ---- segmenter f_theta: FCN-8s on VGG-16 -----------------------------------------
     config.model = model = ml_collections.ConfigDict()

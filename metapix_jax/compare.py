@@ -192,7 +192,13 @@ def format_table(results: dict) -> str:
         lines.append(f"| {method} | {100 * e['miou']:.2f} | {e['segmenter_steps']} |")
     for method, r in results.items():
         w = r.get("weights")
-        if w:
+        if w and not w["harmful_fraction"]:
+            lines.append("")
+            lines.append(
+                f"{method} weights on {w['images']} source images: no harmful pixels (a "
+                f"control), mean weight {w['mean_weight_clean']:.3f}"
+            )
+        elif w:
             lines.append("")
             lines.append(
                 f"{method} weights on {w['images']} source images: AUROC {w['auroc']:.3f} "

@@ -205,6 +205,9 @@ def data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
         return  # These modes read no dataset.
     if d.synthetic:
         yield from confusion_problems(d.synthetic_confusions)
+        yield from synthetic.harm_problems(
+            **{name: d[f"synthetic_{name}"] for name in synthetic.HARM_FIELDS}
+        )
         return
     roots = [] if d.target_format == "tfds" else [("target_root", d.target_root)]
     needs_source = config.method in methods.METHODS and methods.reads_source(config)

@@ -44,6 +44,17 @@ EXEMPT_FIELDS = (
 )
 EXEMPT_PREFIXES = ("predict",)  # Any field of a prediction mode.
 
+# Fields added after runs were made, with the value that the code before them behaved as:
+# a config.json without the field was trained with that value, and may resume.
+ADDED_FIELDS = {
+    "data.synthetic_harm": "confusion",
+    "data.synthetic_spatial_rate": 0.7,
+    "data.synthetic_spatial_px": 2,
+    "data.synthetic_noise_rate": 0.12,
+    "data.synthetic_appearance": "sidewalk>road,terrain>vegetation,car>truck,bus>train",
+    "data.synthetic_appearance_rate": 0.7,
+}
+
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples (as JSON gives them back)."""
@@ -72,7 +83,8 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     for field in sorted(set(saved) | set(current)):
         if exempt(field):
             continue
-        old, new = saved.get(field, "<absent>"), current.get(field, "<absent>")
+        old = saved.get(field, ADDED_FIELDS.get(field, "<absent>"))
+        new = current.get(field, "<absent>")
         if old != new:
             changes.append(f"{field}: {old!r} -> {new!r}")
     return changes

@@ -5,6 +5,7 @@ strings, None, NaN) on many fields, alone and several at once; each must be refu
 a line that names every wrong field. Valid but unusual values must pass.
 """
 
+import json
 import os
 
 import numpy as np
@@ -68,6 +69,12 @@ WRONG = {
     "predict.weights_for": ["target", "sources"],
     "init.vgg16": ["/nonexistent/vgg16.pth"],
     "data.source_list": ["/nonexistent/list.txt"],
+    "data.synthetic_harm": ["spacial", "Confusion", None],
+    "data.synthetic_spatial_rate": [1.5, float("nan")],
+    "data.synthetic_spatial_px": [0, -2, 1.5],
+    "data.synthetic_noise_rate": [-0.1, 2.0],
+    "data.synthetic_appearance": ["car-truck", "car>lorry", "*>car", None],
+    "data.synthetic_appearance_rate": [float("inf"), -1.0],
 }
 
 # Valid but unusual values: must pass.
@@ -87,6 +94,9 @@ UNUSUAL = {
     "data.eval_protocol": ["resized"],
     "loss.kind": ["focal"],
     "fda.beta": [0.0],
+    "data.synthetic_harm": ["spatial", "noise", "appearance", "none"],
+    "data.synthetic_appearance": ["", "*>*", "car>*"],
+    "data.synthetic_spatial_px": [1, 6],
 }
 
 
@@ -187,6 +197,21 @@ def test_config_changes_list_the_fields_and_skip_the_exempt_ones(tmp_path):
     assert "log_every" not in message and "\n" not in message
     changed.allow_config_change = True
     assert len(workdir_lib.check_config_unchanged(changed, str(tmp_path))) == 2
+
+
+def test_a_config_json_from_before_a_field_existed_resumes_with_its_old_behaviour(tmp_path):
+    """Fields added later (workdir.ADDED_FIELDS) count as the value the old code used."""
+    config = tiny_config()
+    saved = json.loads(config.to_json_best_effort())
+    for field in workdir_lib.ADDED_FIELDS:
+        group, name = field.split(".")
+        del saved[group][name]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(saved, f)
+    assert workdir_lib.check_config_unchanged(config, str(tmp_path)) == []
+    config.data.synthetic_harm = "noise"
+    with pytest.raises(ConfigError, match="data.synthetic_harm: 'confusion' -> 'noise'"):
+        workdir_lib.check_config_unchanged(config, str(tmp_path))
 
 
 def test_main_reports_every_problem_as_a_line_without_a_traceback(tmp_path):

@@ -41,8 +41,7 @@ def write_synthetic(config: ml_collections.ConfigDict, workdir: str) -> str:
             num_target_train=d.synthetic_num_target_train,
             num_target_val=d.synthetic_num_target_val,
             gap=d.synthetic_gap,
-            harm_rate=d.synthetic_harm_rate,
-            confusions=synthetic.parse_confusions(d.synthetic_confusions),
+            **synthetic.harm_kwargs(d),
         )
     if jax.process_count() > 1:  # The other processes read what process 0 wrote.
         multihost_utils.sync_global_devices("synthetic benchmark written")

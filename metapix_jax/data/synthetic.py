@@ -7,24 +7,41 @@ demos, so this module builds a small stand-in with a *known* harmful part:
 - one scene generator (geometry: sky, buildings, road in perspective, sidewalks, objects);
 - two renderers: 'real' (target) and 'synthetic' (source), which differ by a colour transform,
   texture/noise/contrast changes and lighting, all scaled by `gap` (gap=0: same distribution);
-- source labels follow another convention for some classes (`confusions`): each object or
-  region of a confused class is relabeled with probability `harm_rate`. The target is clean.
-  Because the convention conflicts with the target labels on the same appearance, more joint
-  training cannot undo it; only down-weighting those source pixels can.
+- one kind of harm in the source (`harm`), whose exact pixels are written to gta5/harmful/.
+  The target is never touched. A user's source has more than one kind of harm, so a method
+  that helps on one kind only is worth little; each kind is built so that more joint training
+  cannot undo it (it conflicts with what the target shows) and so that it costs direct joint
+  training target IoU:
+  - 'confusion' (default): source labels follow another convention for some classes
+    (`confusions`): each object or region of a confused class is relabeled with probability
+    `harm_rate`. The convention conflicts with the target labels on the same appearance.
+  - 'spatial': coarse annotation. Each object or region is, with probability `spatial_rate`,
+    annotated `spatial_px` pixels beyond its outline, over what lies behind it, so that the
+    pixels between the true and the annotated outline carry the nearer object's class.
+  - 'noise': each object or region is relabeled with probability `noise_rate` to a random
+    other class (region-level label noise, no convention to learn).
+  - 'appearance': labels are right, but each object or region of some classes is, with
+    probability `appearance_rate`, rendered with the look of another class (`appearance`,
+    'car>truck' = a car that looks like the target's trucks), which the target never shows
+    for that class; the harmful mask marks those re-rendered pixels.
+  - 'none': a control with no harm (labels are the truth, the mask is empty).
 
 Written in the GTA5 layout (source) and the Cityscapes layout (target), so the same loaders
 read it as read the real data. Every image uses its own generators seeded by (seed, split,
 index, purpose): output is the same bytes for the same parameters, whatever the worker count,
-and changing `gap` or `harm_rate` does not move the scenes.
+and changing `gap` or the harm does not move the scenes; the target is the same bytes
+whatever the harm.
 """
 
 import json
+import math
 import os
 import shutil
 import time
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -45,6 +62,21 @@ DEFAULT_CONFUSIONS: dict[str, str] = {
 Chosen among the large or frequent classes, so that a wrong convention costs target IoU
 that the 20 target training images cannot win back (README, "What we learned designing
 it"). The runs' default comes from config.data.synthetic_confusions; keep them equal."""
+
+
+HARM_KINDS = ("confusion", "spatial", "noise", "appearance", "none")
+"""Kinds of harmful source pixels the benchmark can build (`write_benchmark(harm=...)`)."""
+
+HARM_FIELDS = ("harm", "spatial_rate", "spatial_px", "noise_rate", "appearance", "appearance_rate")
+"""write_benchmark keywords checked by `harm_problems`; config field = data.synthetic_<name>."""
+
+DEFAULT_APPEARANCE: dict[str, str] = dict(DEFAULT_CONFUSIONS)
+"""'appearance' harm: true class -> class whose look its objects take in the source.
+
+The same four pairs as the label convention, with the harm moved from the labels to the
+pixels: a sidewalk drawn like the target's road keeps its 'sidewalk' label, so the source
+says 'road-looking pixels are sidewalk' where the target says 'road'. Keep equal to
+config.data.synthetic_appearance."""
 
 
 def parse_confusions(text: str) -> dict[str, str]:
@@ -480,6 +512,198 @@ def corrupt_labels(
     return labels.astype(classes.dtype)
 
 
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """`mask` grown by a disk: the pixels within `radius` (Euclidean) of a pixel of it."""
+    h, w = mask.shape
+    pad = np.pad(mask, radius)
+    out = np.zeros_like(mask)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dy * dy + dx * dx <= radius * radius:
+                out |= pad[radius + dy : radius + dy + h, radius + dx : radius + dx + w]
+    return out
+
+
+def coarse_labels(
+    classes: np.ndarray,
+    instances: np.ndarray,
+    rng: np.random.Generator,
+    rate: float,
+    pixels: int,
+) -> np.ndarray:
+    """Source labels of a coarse annotator: some outlines drawn `pixels` beyond the object.
+
+    Each object or region is, with probability `rate`, annotated as its visible mask grown by a
+    disk of radius `pixels`; annotations are stacked in painting order (back to front, the
+    order of the instance ids), so a nearer object's annotation covers what lies behind it, as
+    a careless polygon does. The covered pixels carry the nearer object's class: the error is
+    systematic (objects and the road grow, what is behind them shrinks), so it conflicts with
+    the target's exact outlines and more training fits it rather than averaging it out; the
+    unchanged objects keep the source in conflict with itself, which the meta-gradient needs
+    (README, "What we learned designing it"). Void (ignore) regions are never grown and, last
+    painted, stay on top. The harmful mask is `labels != classes`.
+    """
+    n = int(instances.max()) + 1
+    grown = rng.random(n) < rate
+    inst_cls = np.full(n, L.IGNORE_LABEL, classes.dtype)  # occluded ids keep no pixel
+    inst_cls[instances] = classes  # every instance has one class
+    owner = instances.copy()  # the nearest annotation covering each pixel
+    h, w = classes.shape
+    for i in np.flatnonzero(grown & (inst_cls < L.NUM_CLASSES)):
+        rows, cols = np.nonzero(instances == i)
+        r0, r1 = max(rows.min() - pixels, 0), min(rows.max() + pixels + 1, h)
+        c0, c1 = max(cols.min() - pixels, 0), min(cols.max() + pixels + 1, w)
+        region = owner[r0:r1, c0:c1]
+        covered = _dilate(instances[r0:r1, c0:c1] == i, pixels)
+        region[covered] = np.maximum(region[covered], i)
+    return inst_cls[owner]
+
+
+def _mapping(value: Mapping[str, str] | str | None, default: Mapping[str, str]) -> dict[str, str]:
+    """A class mapping given as a dict, as text ('car>truck,bus>*'), or None (the default)."""
+    if value is None:
+        return dict(default)
+    return parse_confusions(value) if isinstance(value, str) else dict(value)
+
+
+def _fraction(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 <= value <= 1
+    )
+
+
+def harm_problems(**values: Any) -> list[str]:
+    """One line per bad harm parameter, naming its config field (data.synthetic_<name>).
+
+    Keywords are names of HARM_FIELDS (write_benchmark's keywords); the harm rate and the
+    label convention (`harm_rate`, `confusions`) are checked where they always were. All
+    fields are checked whatever the kind, so a typo is caught before the kind that reads it is
+    chosen.
+    """
+    checks = {
+        "harm": (lambda v: isinstance(v, str) and v in HARM_KINDS, f"one of {HARM_KINDS}"),
+        "spatial_rate": (_fraction, "in [0, 1]"),
+        "spatial_px": (
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+            "an integer >= 1 (pixels)",
+        ),
+        "noise_rate": (_fraction, "in [0, 1]"),
+        "appearance_rate": (_fraction, "in [0, 1]"),
+    }
+    problems = []
+    for name, value in values.items():
+        field = f"config.data.synthetic_{name}={value!r}"
+        if name == "appearance":
+            problems += _appearance_problems(field, value)
+        elif name in checks:
+            ok, allowed = checks[name]
+            if not ok(value):
+                problems.append(f"{field} must be {allowed}")
+        else:
+            raise TypeError(f"harm_problems: unknown field {name!r}; known: {HARM_FIELDS}")
+    return problems
+
+
+def _appearance_problems(field: str, value: Any) -> list[str]:
+    """The 'appearance' pairs: 'class>class whose look it takes', known names or '*'."""
+    try:
+        if not isinstance(value, (str, Mapping)):
+            raise TypeError
+        pairs = _mapping(value, DEFAULT_APPEARANCE)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs.items()):
+            raise TypeError
+    except (ValueError, TypeError):
+        return [f"{field} must look like 'car>truck,bus>train' ('' = no pair)"]
+    names = (*L.CLASS_NAMES, "*")
+    for src, look in pairs.items():
+        if src not in names or look not in names:
+            return [f"{field}: {src!r}>{look!r} must name classes of {names}"]
+        if src == "*" and look != "*":
+            return [f"{field}: {src!r}>{look!r}: '*' as a class needs '*' as its look"]
+    return []
+
+
+def harm_params(
+    harm: str = "confusion",
+    *,
+    harm_rate: float = 0.7,
+    confusions: Mapping[str, str] | str | None = None,
+    spatial_rate: float = 0.7,
+    spatial_px: int = 2,
+    noise_rate: float = 0.12,
+    appearance: Mapping[str, str] | str | None = None,
+    appearance_rate: float = 0.7,
+) -> dict[str, Any]:
+    """The harm's parameters as benchmark.json records them: only those its kind reads.
+
+    They are part of what decides whether a benchmark on disk is reused, so a parameter the
+    kind ignores must not force a regeneration. The default kind records exactly the keys it
+    recorded before other kinds existed (no 'harm' key), so benchmarks already on disk, among
+    them the published demo results', are reused as they are. Raises ValueError naming the
+    config field of every bad value. The defaults equal configs/default.py's (tested).
+    """
+    appearance = DEFAULT_APPEARANCE if appearance is None else appearance
+    problems = harm_problems(
+        harm=harm,
+        spatial_rate=spatial_rate,
+        spatial_px=spatial_px,
+        noise_rate=noise_rate,
+        appearance=appearance,
+        appearance_rate=appearance_rate,
+    )
+    if problems:
+        raise ValueError("; ".join(problems))
+    confusions = _mapping(confusions, DEFAULT_CONFUSIONS)
+    _confusion_table(confusions)  # raises ValueError on an unknown class
+    if harm == "confusion":
+        return {"harm_rate": float(harm_rate), "confusions": confusions}
+    if harm == "spatial":
+        return {"harm": harm, "spatial_rate": float(spatial_rate), "spatial_px": int(spatial_px)}
+    if harm == "noise":
+        return {"harm": harm, "noise_rate": float(noise_rate)}
+    if harm == "appearance":
+        looks = _mapping(appearance, DEFAULT_APPEARANCE)
+        return {"harm": harm, "appearance_rate": float(appearance_rate), "appearance": looks}
+    return {"harm": harm}
+
+
+def harm_kwargs(data: Any) -> dict[str, Any]:
+    """write_benchmark's harm keywords from a config's `data` block (its synthetic_* fields)."""
+    kwargs = {name: data[f"synthetic_{name}"] for name in HARM_FIELDS}
+    return kwargs | {"harm_rate": data.synthetic_harm_rate, "confusions": data.synthetic_confusions}
+
+
+def source_labels(
+    classes: np.ndarray,
+    instances: np.ndarray,
+    rng: np.random.Generator,
+    harm: Mapping[str, Any],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels written for the source, class whose look each pixel is rendered with).
+
+    `harm` is what `harm_params` returns. Labels differ from `classes` on the mislabeled
+    pixels; looks differ from `classes` on the pixels drawn with another class's look.
+    """
+    kind = harm.get("harm", "confusion")
+    if kind == "confusion":
+        labels = corrupt_labels(classes, instances, rng, harm["confusions"], harm["harm_rate"])
+    elif kind == "spatial":
+        labels = coarse_labels(classes, instances, rng, harm["spatial_rate"], harm["spatial_px"])
+    elif kind == "noise":
+        labels = corrupt_labels(classes, instances, rng, {"*": "*"}, harm["noise_rate"])
+    elif kind == "appearance":
+        looks = corrupt_labels(classes, instances, rng, harm["appearance"], harm["appearance_rate"])
+        return classes, looks
+    elif kind == "none":
+        labels = classes
+    else:
+        raise ValueError(f"harm kind must be one of {HARM_KINDS}, got {kind!r}")
+    return labels, classes
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -515,36 +739,47 @@ def render_example(
     height: int,
     width: int,
     gap: float,
-    harm_rate: float,
-    confusions: Mapping[str, str],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Example `index` of `split` ('source', 'train', 'val'): (image, true classes, labels).
+    harm: Mapping[str, Any] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Example `index` of `split` ('source', 'train', 'val'): (image, classes, labels, harmful).
 
-    Scene, image and corruption use separate generators seeded by (seed, split, index), so the
-    same scene comes back whatever `gap` and `harm_rate` are. Target labels are never corrupted.
+    `classes` is the truth, `labels` what is written, `harmful` the mask written to
+    gta5/harmful/. `harm` holds the harm's parameters as `harm_params` returns them (as do
+    benchmark.json's params; None: its defaults, the 'confusion' kind).
+
+    Scene, image and harm use separate generators seeded by (seed, split, index), so the same
+    scene and the same image come back whatever `gap` and the harm are. An 'appearance' harm
+    renders the scene a second time with the same generator, with some objects given another
+    class's look, and takes only those objects' pixels from it: every other pixel is the
+    harm-free image's. Target examples are never harmed (their harmful mask is all false).
     """
     seq = [seed, _SPLITS[split], index]
     classes, instances = render_scene(np.random.default_rng(seq + [0]), height, width)
     domain = "synthetic" if split == "source" else "real"
     image = render_image(classes, instances, np.random.default_rng(seq + [1]), domain, gap)
     if split != "source":
-        return image, classes, classes
-    rng = np.random.default_rng(seq + [2])
-    return image, classes, corrupt_labels(classes, instances, rng, confusions, harm_rate)
+        return image, classes, classes, np.zeros(classes.shape, bool)
+    harm = harm_params() if harm is None else harm
+    labels, looks = source_labels(classes, instances, np.random.default_rng(seq + [2]), harm)
+    off_domain = looks != classes
+    if off_domain.any():
+        other = render_image(looks, instances, np.random.default_rng(seq + [1]), domain, gap)
+        image = np.where(off_domain[..., None], other, image)
+    return image, classes, labels, (labels != classes) | off_domain
 
 
 def _make_item(job: tuple[str, str, int, dict]) -> dict[str, np.ndarray]:
     """Render and write one example; returns per-class pixel counts (true, written, harmful)."""
     root, split, i, p = job
-    image, classes, written = render_example(
-        p["seed"], split, i, p["height"], p["width"], p["gap"], p["harm_rate"], p["confusions"]
+    image, classes, written, harmful = render_example(
+        p["seed"], split, i, p["height"], p["width"], p["gap"], p
     )
     if split == "source":
         name = f"{i + 1:05d}.png"
         gta = os.path.join(root, "gta5")
         _save(image, os.path.join(gta, "images", name))
         _save(_label_ids(written), os.path.join(gta, "labels", name), _GTA5_PALETTE)
-        _save(((written != classes) * 255).astype(np.uint8), os.path.join(gta, "harmful", name))
+        _save((harmful * 255).astype(np.uint8), os.path.join(gta, "harmful", name))
     else:
         stem = os.path.join(_CITY, f"{_CITY}_000000_{i:06d}")
         cs = os.path.join(root, "cityscapes")
@@ -553,7 +788,7 @@ def _make_item(job: tuple[str, str, int, dict]) -> dict[str, np.ndarray]:
     return {
         "true": np.bincount(classes.ravel(), minlength=256)[: L.NUM_CLASSES],
         "written": np.bincount(written.ravel(), minlength=256)[: L.NUM_CLASSES],
-        "harmful": np.bincount(classes[written != classes].ravel(), minlength=256)[: L.NUM_CLASSES],
+        "harmful": np.bincount(classes[harmful].ravel(), minlength=256)[: L.NUM_CLASSES],
     }
 
 
@@ -567,8 +802,14 @@ def write_benchmark(
     num_target_train: int = 20,
     num_target_val: int = 200,
     gap: float = 1.0,
+    harm: str = "confusion",
     harm_rate: float = 0.7,
-    confusions: Mapping[str, str] | None = None,
+    confusions: Mapping[str, str] | str | None = None,
+    spatial_rate: float = 0.7,
+    spatial_px: int = 2,
+    noise_rate: float = 0.12,
+    appearance: Mapping[str, str] | str | None = None,
+    appearance_rate: float = 0.7,
     workers: int = 1,
 ) -> dict:
     """Write the benchmark under `root` (root/gta5, root/cityscapes) and return its metadata.
@@ -581,6 +822,11 @@ def write_benchmark(
     `workers` > 1 renders in that many 'spawn' processes (safe after jax or grain started
     threads, but the calling script then needs the `if __name__ == "__main__":` guard); the
     bytes do not depend on it. The default demo size takes about 15 s in one process.
+
+    `harm` picks the kind of harmful source pixels (HARM_KINDS, module docstring); the other
+    keywords after `gap` are the kinds' parameters (`harm_params`), each read by one kind only.
+    `harm_kwargs(config.data)` gives them from a config. A bad value raises ValueError naming
+    its config field, before the disk is touched.
     """
     params = {
         "generator_version": GENERATOR_VERSION,
@@ -591,10 +837,17 @@ def write_benchmark(
         "num_target_train": int(num_target_train),
         "num_target_val": int(num_target_val),
         "gap": float(gap),
-        "harm_rate": float(harm_rate),
-        "confusions": dict(DEFAULT_CONFUSIONS if confusions is None else confusions),
     }
-    _confusion_table(params["confusions"])  # validate before touching the disk
+    params |= harm_params(  # validates before touching the disk
+        harm,
+        harm_rate=harm_rate,
+        confusions=confusions,
+        spatial_rate=spatial_rate,
+        spatial_px=spatial_px,
+        noise_rate=noise_rate,
+        appearance=appearance,
+        appearance_rate=appearance_rate,
+    )
     meta_path = os.path.join(root, "benchmark.json")
     if os.path.isfile(meta_path):
         try:
