@@ -32,12 +32,6 @@ def auroc(negative_scores: np.ndarray, positive_scores: np.ndarray) -> float:
     return float(u / (n_neg * n_pos))
 
 
-def harmful_mask_path(image_path: str) -> str:
-    """The benchmark keeps the mask of harmful pixels of images/X.png in harmful/X.png."""
-    folder, name = os.path.split(image_path)
-    return os.path.join(os.path.dirname(folder), "harmful", name)
-
-
 def weight_separation(
     config: ml_collections.ConfigDict, workdir: str, num_images: int = 100
 ) -> dict | None:
@@ -48,7 +42,7 @@ def weight_separation(
     """
     data = datasets.get_datasets(config, workdir, with_source=True)
     images = datasets.Head(data.source, num_images)
-    if not len(images) or not os.path.exists(harmful_mask_path(images.name(0))):
+    if not len(images) or not os.path.exists(datasets.harmful_mask_path(images.name(0))):
         return None
     mesh = parallel.make_mesh()
     state = evaluate.restore_for_reading(config, workdir, mesh)
@@ -60,7 +54,7 @@ def weight_separation(
         w = np.asarray(jax.device_get(inference.weights(state, parallel.to_global(inputs, mesh))))
         for j in range(min(rows, len(images) - i * rows)):
             weights.append(w[j].ravel())
-            mask = sources.read_mask(harmful_mask_path(images.name(i * rows + j)))
+            mask = sources.read_mask(datasets.harmful_mask_path(images.name(i * rows + j)))
             harmful.append(mask.ravel())
             valid.append(batch["label"][j].ravel() != config.data.ignore_label)
     w, h, v = np.concatenate(weights), np.concatenate(harmful), np.concatenate(valid)
@@ -101,6 +95,7 @@ def joint_phase_signature(config: ml_collections.ConfigDict) -> dict | None:
         "loss": c["loss"],
         "joint_steps": c["schedule"]["joint_steps"],
         "segmenter_steps": state_lib.total_segmenter_steps(config),
+        "source_without_harm": methods.METHODS[config.method].source_without_harm,
     }
 
 

@@ -186,6 +186,7 @@ class Method:
     first: str  # Phase kind of the first schedule.joint_steps steps.
     per_generation: tuple[tuple[str, str], ...]  # (phase kind, schedule field of its length).
     reads_source: bool = True  # Whether it ever reads a source image.
+    source_without_harm: bool = False  # Its source labels ignore the known harmful pixels.
 
 
 METHODS: dict[str, Method] = {
@@ -197,6 +198,13 @@ METHODS: dict[str, Method] = {
     ),
     "direct_joint": Method(
         "source and target jointly, unweighted", "joint", (("joint", "weighted_steps"),)
+    ),
+    "oracle_mask": Method(
+        "direct joint with the benchmark's harmful source pixels left out: the bound of "
+        "pixel weighting (embedded benchmark only)",
+        "joint",
+        (("joint", "weighted_steps"),),
+        source_without_harm=True,
     ),
     "finetune": Method(
         "joint, then unweighted steps with the weighted phases' optimiser (Table 1)",

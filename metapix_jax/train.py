@@ -83,7 +83,10 @@ def start_run(config: ml_collections.ConfigDict, workdir: str, interrupt: Interr
     """Sets up a run and restores its state: (Run, state at the position to go on from)."""
     workdir_lib.check_config_unchanged(config, workdir)  # Again: library callers skip main.
     plan = schedule.phases(config)
-    data = datasets.get_datasets(config, workdir, with_source=methods.reads_source(config))
+    method = methods.METHODS[config.method]
+    data = datasets.get_datasets(
+        config, workdir, with_source=method.reads_source, without_harm=method.source_without_harm
+    )
     mesh = parallel.make_mesh()
     manager = checkpoints.make_manager(
         workdir, [p.end for p in plan], config.keep_periodic, cleanup=True

@@ -198,6 +198,21 @@ def schedule_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
                 )
 
 
+def oracle_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
+    """The oracle needs to know the harmful pixels: only the embedded benchmark does."""
+    names = [config.method] if config.mode == "train" else []
+    names += list(config.compare_methods) if config.mode == "compare" else []
+    for name in names:
+        method = methods.METHODS.get(methods.VARIANTS.get(name, (name,))[0])
+        if method and method.source_without_harm and not config.data.synthetic:
+            yield (
+                f"config.method={name!r} needs the embedded benchmark (data.synthetic=True): "
+                "only it knows which source pixels are harmful"
+            )
+        if method and method.source_without_harm and config.data.source_prepared:
+            yield f"config.method={name!r} reads the source PNGs: leave data.source_prepared empty"
+
+
 def data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     """Real data needs its roots; the synthetic benchmark needs a valid label convention."""
     d = config.data
@@ -295,6 +310,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str, devices: int | Non
     problems += data_problems(config)
     problems += path_problems(config)
     problems += predict_problems(config)
+    problems += oracle_problems(config)
     problems += checkpoint_problems(config, workdir)
     if problems:
         raise ConfigError("\n".join(problems))

@@ -12,8 +12,20 @@ from batches import all_steps, fresh_state, random_batch
 from cli import run_main
 
 from configs import test as test_config
-from metapix_jax import compare, fda, hrselect, losses, methods, parallel, results, schedule, train
+from metapix_jax import (
+    compare,
+    fda,
+    hrselect,
+    losses,
+    methods,
+    parallel,
+    results,
+    schedule,
+    train,
+    validation,
+)
 from metapix_jax import state as state_lib
+from metapix_jax.data import datasets, sources
 
 
 def random_logits_and_labels(seed=0, shape=(2, 3, 4), classes=5):
@@ -225,6 +237,35 @@ def test_compare_rejects_unknown_names_and_shares_pretraining_only_when_valid():
     assert sig["fda"] is None
 
 
+# ---- the oracle ------------------------------------------------------------------------------
+
+
+def test_the_oracle_ignores_exactly_the_harmful_pixels(tmp_path):
+    config = test_config.get_config()
+    config.data.synthetic_root = str(tmp_path / "benchmark")
+    plain = datasets.get_datasets(config, str(tmp_path), with_source=True)
+    oracle = datasets.get_datasets(config, str(tmp_path), with_source=True, without_harm=True)
+    changed = 0
+    for i in range(len(plain.source)):
+        image, label = plain.source.read(i)
+        oracle_image, oracle_label = oracle.source.read(i)
+        harmful = sources.read_mask(datasets.harmful_mask_path(plain.source.name(i)))
+        np.testing.assert_array_equal(oracle_image, image)
+        np.testing.assert_array_equal(oracle_label[~harmful], label[~harmful])
+        assert np.all(oracle_label[harmful] == 255)
+        changed += int((label[harmful] != 255).sum())
+    assert changed > 0  # The benchmark has harmful labeled pixels: the test can see them.
+
+
+def test_the_oracle_needs_the_embedded_benchmark(tmp_path):
+    config = test_config.get_config()
+    config.mode, config.method = "train", "oracle_mask"
+    config.data.synthetic = False
+    config.data.source_root = config.data.target_root = str(tmp_path)
+    with pytest.raises(validation.ConfigError, match="'oracle_mask' needs the embedded"):
+        validation.validate(config, str(tmp_path), devices=1)
+
+
 # ---- results table --------------------------------------------------------------------------
 
 
@@ -274,6 +315,7 @@ NEW_METHODS = (
     "fda",
     "minent",
     "focal",
+    "oracle_mask",
 )
 
 
@@ -305,7 +347,8 @@ def test_every_new_method_trains_and_evaluates_through_main(tmp_path):
             f"[{methods.resolve(name)[0]}] starting from direct_joint's joint phase" in proc.stdout
         )
         assert 0 <= r["eval"]["miou"] <= 1
-    assert "[fda] starting" not in proc.stdout and "[direct_joint] starting" not in proc.stdout
+    for name in ("fda", "direct_joint", "oracle_mask"):  # Another first phase: no reuse.
+        assert f"[{name}] starting" not in proc.stdout, name
     assert "weights" in compared["hrselect"] and "weights" not in compared["fda"]
     table = run_main("--config=configs/test.py", f"--workdir={workdir}", "--config.mode=results")
     assert table.returncode == 0, table.stderr[-3000:]

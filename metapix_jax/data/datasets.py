@@ -80,6 +80,39 @@ def target_examples(
     return sources.PngExamples(tuple(pairs), labels.CITYSCAPES_ID_TO_TRAIN_ID)
 
 
+def harmful_mask_path(image_path: str) -> str:
+    """The benchmark keeps the mask of harmful pixels of images/X.png in harmful/X.png."""
+    folder, name = os.path.split(image_path)
+    return os.path.join(os.path.dirname(folder), "harmful", name)
+
+
+@dataclasses.dataclass(frozen=True)
+class WithoutHarm:
+    """Source examples with the benchmark's known harmful pixels ignored in their labels.
+
+    The oracle of pixel weighting (method 'oracle_mask'): the harmful pixels' weight is 0
+    and every other labeled pixel counts as in direct joint training.
+    """
+
+    examples: Examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, label = self.examples.read(index)
+        harmful = sources.read_mask(harmful_mask_path(self.examples.name(index)))
+        if harmful.shape != label.shape:
+            raise sources.DataError(
+                f"harmful mask of {self.examples.name(index)!r} is {harmful.shape[::-1]}, its "
+                f"label {label.shape[::-1]} (width x height)"
+            )
+        return image, np.where(harmful, labels.IGNORE_LABEL, label).astype(label.dtype)
+
+    def name(self, index: int) -> str:
+        return self.examples.name(index)
+
+
 @dataclasses.dataclass(frozen=True)
 class Datasets:
     """A run's splits, and the streams of batches drawn from them."""
@@ -139,15 +172,22 @@ class Datasets:
             yield {k: v[start : start + share] for k, v in batch.items()}
 
 
-def get_datasets(config: ml_collections.ConfigDict, workdir: str, *, with_source: bool) -> Datasets:
+def get_datasets(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    with_source: bool,
+    without_harm: bool = False,
+) -> Datasets:
     """The splits of a run: the source (when asked: methods that never read one, and
-    evaluation, skip listing it), the target train and eval splits. Writes the embedded
-    benchmark first if the config asks for it."""
+    evaluation, skip listing it; `without_harm`: its known harmful pixels ignored), the
+    target train and eval splits. Writes the embedded benchmark first if configured."""
     source_root, target_root = data_roots(config, workdir)
     d = config.data
+    source = source_examples(config, source_root) if with_source else None
     return Datasets(
         config=config,
-        source=source_examples(config, source_root) if with_source else None,
+        source=WithoutHarm(source) if source is not None and without_harm else source,
         target_train=target_examples(
             config, target_root, d.target_train_split, d.target_train_list
         ),
