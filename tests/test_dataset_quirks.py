@@ -126,10 +126,10 @@ def test_a_pair_of_different_sizes_in_evaluation(tmp_path):
 
 def test_the_configured_source_stream_passes_through_a_pair_of_different_sizes(tmp_path):
     """A real-layout GTA5 source with an odd pair, read as training reads it (config ->
-    `train.load_data` -> `train.train_stream`) for several epochs. (tests/test_faults.py
+    `datasets.get_datasets` -> its source stream) for several epochs. (tests/test_faults.py
     trains the model through such a pair.)"""
     from configs import test as test_config
-    from metapix_jax import train
+    from metapix_jax.data import datasets
 
     _gta5_with_an_odd_pair(f"{tmp_path}/gta", n=3, odd=1)
     for split, stem in [("train", "bonn_000000_000019"), ("val", "ulm_000000_000019")]:
@@ -142,11 +142,11 @@ def test_the_configured_source_stream_passes_through_a_pair_of_different_sizes(t
     d = config.data
     d.synthetic, d.source_kind = False, "gta5"
     d.source_root, d.target_root = f"{tmp_path}/gta", f"{tmp_path}/cs"
-    data = train.load_data(config, str(tmp_path))
-    stream = train.train_stream(config, data.source, "source", 0)
+    data = datasets.get_datasets(config, str(tmp_path), with_source=True)
+    stream = data.stream(data.source, "source", 0)
     seen = [_which(y)[0] for _ in range(9) for y in next(stream)["label"]]  # 6 epochs
     assert seen.count(1) == 6
-    batch = next(train.eval_stream(config, data.target_eval))
+    batch = next(data.eval_batches())
     assert batch["image"].shape[1:3] == (d.height, d.width)
 
 

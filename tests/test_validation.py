@@ -29,7 +29,7 @@ WRONG = {
     "data.target_batch": [0, -1],
     "data.eval_batch": [0],
     "data.ignore_label": [-1, 256, 1000, 0, 254],
-    "data.num_classes": [2, 18, 1000, 19.0],
+    "data.num_classes": [2, 18, 1000],
     "data.normalization": ["IMAGENET", "", "torch", None],
     "data.num_threads": [0, -4],
     "data.synthetic_harm_rate": [1.5, -0.1, float("nan")],
