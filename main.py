@@ -1,82 +1,43 @@
 """Entry point: `python main.py --config=configs/gta5.py --workdir=DIR [--config.x=...]`.
 
 Parses flags, validates the config (before anything is compiled) and hands over to the
-library; modes: train, eval, compare, results, predict. Expected failures (a bad config
-value, bad data, a non-finite loss, an interruption) end with one line on stderr, not a
-traceback.
+library; modes: train, eval, compare, results, predict. Every expected failure (a bad
+flag or config value, bad data, a non-finite loss, an interruption) ends with one line on
+stderr and a non-zero status, not a traceback. `--config` also takes a trained run's
+`config.json` or its workdir; `--list_fields` prints every config field and its meaning.
 """
 
-import os
 import sys
 
-# TensorFlow (imported by clu's writers) prints start-up noise unless told not to; this
-# must come before anything imports it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from metapix_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and results go.")
-config_flags.DEFINE_config_file("config", None, "A config file in configs/.", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def verbosity_given(argv: list[str]) -> bool:
-    """Whether the user chose a log verbosity (absl marks it as set even when not)."""
-    return any(a.split("=")[0] in ("-v", "--v", "--verbosity", "-verbosity") for a in argv)
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "A config file in configs/, or a run's config.json or workdir.",
+    lock_config=True,
+)
+flags.DEFINE_bool("list_fields", False, "Print every config field, its default and meaning.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not verbosity_given(sys.argv):
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+    if FLAGS.list_fields:
+        print(cli.field_list())
+        return
+    if FLAGS.config is None or FLAGS.workdir is None:
+        cli.fail("give --config=<configs/*.py, a run's config.json or workdir> and --workdir=DIR")
+    if not cli.verbosity_given(sys.argv):
         logging.set_verbosity(logging.WARNING)  # Progress lines are printed; -v 0 for INFO logs.
-    # Imported here so that --help is fast and flag errors come before JAX starts; the
-    # config is checked before the training code (TensorFlow, via clu) is even imported.
-    from metapix_jax import checkpoints, nonfinite, preemption, validation
-    from metapix_jax.data import sources
-
-    try:
-        validation.validate(FLAGS.config, FLAGS.workdir)
-    except validation.ConfigError as e:
-        fail(f"ConfigError: {e}", 1)
-    try:
-        run(FLAGS.config, FLAGS.workdir)
-    except (
-        validation.ConfigError,
-        checkpoints.ModelMismatchError,
-        checkpoints.NoCheckpointError,
-        sources.DataError,
-        nonfinite.NonFiniteError,
-    ) as e:
-        fail(f"{type(e).__name__}: {e}", 1)
-    except preemption.Interrupted as e:
-        fail(str(e), e.exit_code)
-
-
-def run(config, workdir: str) -> None:
-    """Dispatches on config.mode (already validated)."""
-    from metapix_jax import compare, evaluate, predict, results, train
-
-    if config.mode == "train":
-        train.train_and_evaluate(config, workdir)
-    elif config.mode == "eval":
-        evaluate.evaluate_checkpoint(config, workdir)
-    elif config.mode == "compare":
-        compare.run_comparison(config, workdir, train.train_and_evaluate)
-    elif config.mode == "results":
-        results.print_results(workdir)
-    elif config.mode == "predict":
-        predict.run_prediction(config, workdir)
-
-
-def fail(message: str, exit_code: int) -> None:
-    """Ends with the message on stderr (one line per problem) and a non-zero status."""
-    print(message, file=sys.stderr, flush=True)
-    sys.exit(exit_code)
+    config = cli.config_for_mode(FLAGS.config, FLAGS.workdir, cli.overridden_fields(sys.argv))
+    cli.run(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from metapix_jax import checkpoints, compare, meta, parallel, steps, train  # noqa: E402
 from metapix_jax import state as state_lib  # noqa: E402
+from metapix_jax.data import datasets  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A float32 compare-mode workdir (direct_joint, metapix).")
 flags.DEFINE_integer("position", None, "MetaPix checkpoint for part 1 (default: N1 + 200).")
@@ -56,40 +57,24 @@ def gradient_fns(config: ml_collections.ConfigDict, segmenter_dtype: str, unet_d
     """jitted (batch, key) -> (dLoss^t/dphi flattened, dLoss^t/dW) at the given precisions."""
     model = state_lib.make_segmenter(with_dtype(config, segmenter_dtype))
     unet = state_lib.make_weighting_net(with_dtype(config, unet_dtype))
-    inner = state_lib.inner_optimizer(config)
-    after_step = functools.partial(
-        meta.target_loss_after_inner_step, model=model, unet=unet, inner_tx=inner, config=config
-    )
-    given_weights = functools.partial(
-        meta.target_loss_given_weights, model=model, inner_tx=inner, config=config
+    loss = functools.partial(
+        meta.meta_loss, model=model, unet=unet, inner=meta.inner_step(config), config=config
     )
 
     @jax.jit
     def grads(state, batch, key):
-        d_phi = jax.grad(lambda u: after_step(u, state.params, batch, key)[0])(state.unet_params)
+        d_phi = jax.grad(lambda u: loss(u, state, batch, key=key)[0])(state.unet_params)
         weights = steps.source_weights(unet, state.unet_params, batch)
-        d_w = jax.grad(lambda w: given_weights(w, state.params, batch, key)[0])(weights)
+        d_w = jax.grad(lambda w: loss(None, state, batch, weights=w, key=key)[0])(weights)
         return ravel_pytree(d_phi)[0], d_w
 
     return grads
 
 
 def training_batches(config: ml_collections.ConfigDict, workdir: str, count: int) -> list:
-    data = train.load_data(config, workdir)
-    source = train.train_stream(config, data.source, "source", 0)
-    target = train.train_stream(config, data.target_train, "target", 0)
-    batches = []
-    for _ in range(count):
-        s, t = next(source), next(target)
-        batches.append(
-            {
-                "source_image": s["image"],
-                "source_label": s["label"],
-                "target_image": t["image"],
-                "target_label": t["label"],
-            }
-        )
-    return batches
+    data = datasets.get_datasets(config, workdir, with_source=True)
+    stream = data.train_batches(0)
+    return [next(stream) for _ in range(count)]
 
 
 def gradient_fidelity(config: ml_collections.ConfigDict, workdir: str, position: int) -> None:

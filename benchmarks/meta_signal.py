@@ -24,9 +24,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from metapix_jax import checkpoints, compare, meta, parallel, train  # noqa: E402
+from metapix_jax import checkpoints, compare, meta, parallel  # noqa: E402
 from metapix_jax import state as state_lib  # noqa: E402
-from metapix_jax.data import labels, sources  # noqa: E402
+from metapix_jax.data import datasets, labels, sources  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A run's workdir (with checkpoints).")
 flags.DEFINE_integer("position", None, "Checkpoint position (default: the latest).")
@@ -45,25 +45,29 @@ def main(_) -> None:
     )
     if state is None:
         raise SystemExit(f"no checkpoint in {checkpoints.checkpoint_dir(FLAGS.workdir)}")
-    data = train.load_data(config, os.path.dirname(os.path.abspath(FLAGS.workdir)))
-    pairs = data.source[: FLAGS.num_source]
+    data = datasets.get_datasets(
+        config, os.path.dirname(os.path.abspath(FLAGS.workdir)), with_source=True
+    )
+    images = datasets.Head(data.source, FLAGS.num_source)
     one_batch = ml_collections.ConfigDict(config.to_dict())
-    one_batch.data.eval_batch = len(pairs)
-    source = next(train.eval_stream(one_batch, pairs))
+    one_batch.data.eval_batch = len(images)
+    source = next(datasets.Datasets(one_batch, None, None, None).eval_batches(images))
     signal_fn = jax.jit(
         jax.grad(
-            lambda w, batch: meta.target_loss_given_weights(
-                w,
-                state.params,
+            lambda w, batch: meta.meta_loss(
+                None,
+                state,
                 batch,
-                jax.random.PRNGKey(0),
                 model=state_lib.make_segmenter(config),
-                inner_tx=state_lib.inner_optimizer(config),
+                unet=None,
+                inner=meta.inner_step(config),
                 config=config,
+                weights=w,
+                key=jax.random.PRNGKey(0),
             )[0]
         )
     )
-    targets = train.train_stream(config, data.target_train, "target", 0)
+    targets = data.stream(data.target_train, "target", 0)
     signal = np.zeros(source["label"].shape)
     for _ in range(FLAGS.num_target_batches):
         t = next(targets)
@@ -75,12 +79,13 @@ def main(_) -> None:
         }
         signal += np.asarray(signal_fn(jnp.ones(signal.shape), batch))
     signal /= FLAGS.num_target_batches
-    report(signal, source["label"], pairs, config.data.ignore_label)
+    names = [images.name(i) for i in range(len(images))]
+    report(signal, source["label"], names, config.data.ignore_label)
 
 
-def report(signal: np.ndarray, label: np.ndarray, pairs, ignore_label: int) -> None:
+def report(signal: np.ndarray, label: np.ndarray, names: list[str], ignore_label: int) -> None:
     """Prints the separation of harmful and clean pixels by the signal."""
-    masks = [compare.harmful_mask_path(label_path) for _, label_path in pairs]
+    masks = [datasets.harmful_mask_path(name) for name in names]
     if not all(os.path.exists(m) for m in masks):
         print(f"mean dL_t/dW over labeled pixels: {signal[label != ignore_label].mean():+.3e}")
         return

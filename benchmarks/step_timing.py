@@ -1,21 +1,21 @@
-"""Times the joint, target, weighted and meta steps and the eval step; not a test.
+"""Times every step kind and the eval step; not a test.
 
-    python benchmarks/step_timing.py --height=512 --width=1024 --batch=1 --dtype=bfloat16
+    python benchmarks/step_timing.py --config=configs/gta5.py --batch=1 \
+        --config.model.dtype=bfloat16 [--config.model.remat=True] [--kinds=joint,meta]
 
 Per step kind: median wall time over --steps calls after --warmup, images/s (source +
 target images of a step), achieved TFLOP/s from XLA's cost analysis of the compiled step,
-utilisation of --peak-tflops (default: from the device kind, else an H100's 989 dense
+utilisation of --peak_tflops (default: from the device kind, else an H100's 989 dense
 bf16), and peak device memory (device.memory_stats(); 'n/a' where the backend has none,
 e.g. the CPU) beside XLA's own estimate of the step's buffers. Then the projected wall
 time of the config's whole schedule (paper: 150K joint + 3 x (10K meta + 15K weighted)).
+The shape, dtype and remat are the config's fields (`--config.data.height=...`, as with
+main.py); `--batch` sets the source, target and eval batches together.
 
-Imports only jax, flax, optax, numpy and ml_collections (no TensorFlow, clu or grain), so
-it runs on a GPU host that has nothing else.
+Imports only jax, flax, optax, numpy, absl and ml_collections (no TensorFlow, clu or grain),
+so it runs on a GPU host that has nothing else.
 """
 
-import argparse
-import ast
-import importlib.util
 import os
 import statistics
 import sys
@@ -25,8 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from metapix_jax import parallel  # noqa: E402
+from metapix_jax import methods, parallel, steps  # noqa: E402
 from metapix_jax import state as state_lib  # noqa: E402
 
 KINDS = ("joint", "target", "weighted", "meta", "eval")
@@ -34,53 +36,20 @@ KINDS = ("joint", "target", "weighted", "meta", "eval")
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0}
 DEFAULT_PEAK = 989.0  # An H100's dense bf16.
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default="configs/default.py", help="config file (paper's default)")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=1, help="global source and target batch")
-    p.add_argument("--dtype", default="bfloat16", choices=tuple(state_lib.DTYPES))
-    p.add_argument("--remat", action="store_true", help="remat the VGG and U-Net blocks")
-    p.add_argument("--model-width", type=float, default=None, help="model.width override")
-    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {KINDS}")
-    p.add_argument("--steps", type=int, default=10, help="timed calls per kind")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
-    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE",
-        help="any config field, e.g. --set model.fc6_padding=SAME (repeatable)",
-    )  # fmt: skip
-    return p.parse_args(argv)
+config_flags.DEFINE_config_file("config", "configs/default.py", "A config file.", lock_config=True)
+flags.DEFINE_integer("batch", 1, "Global source, target and eval batch.")
+flags.DEFINE_list("kinds", list(KINDS), f"Step kinds to time, of {KINDS}.")
+flags.DEFINE_integer("steps", 10, "Timed calls per kind.")
+flags.DEFINE_integer("warmup", 2, "Untimed calls after compiling.")
+flags.DEFINE_float("peak_tflops", None, "Per-device peak (default: by device kind).")
+FLAGS = flags.FLAGS
 
 
-def load_config(args: argparse.Namespace):
-    """The config file's get_config(), with the flags applied."""
-    spec = importlib.util.spec_from_file_location("benchmark_config", args.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+def load_config():
+    """The config file's config with --batch applied."""
+    config = FLAGS.config
     d = config.data
-    d.height, d.width = args.height, args.width
-    d.source_batch = d.target_batch = d.eval_batch = args.batch
-    config.model.dtype = args.dtype
-    config.model.remat = config.weighting.remat = args.remat
-    if args.model_width is not None:
-        config.model.width = args.model_width
-    for item in args.set:
-        field, _, text = item.partition("=")
-        *path, name = field.split(".")
-        section = config
-        for part in path:
-            section = section[part]
-        if name not in section:
-            raise ValueError(f"--set {item}: the config has no field {field!r}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        section[name] = value
+    d.source_batch = d.target_batch = d.eval_batch = FLAGS.batch
     return config
 
 
@@ -131,20 +100,20 @@ def device_peak_tflops(requested: float | None) -> tuple[float, str]:
     return DEFAULT_PEAK, f"H100 dense bf16 (device kind {kind!r} unknown)"
 
 
-def time_kind(kind: str, steps, state, batches, args) -> tuple[dict, object]:
+def time_kind(kind: str, fns: dict, state, batches) -> tuple[dict, object]:
     """Compiles one step kind, times it; returns its figures and the state it leaves."""
-    fn = getattr(steps, kind)
+    fn = fns[kind]
     batch = batches["eval" if kind == "eval" else "train"]
     compiled = fn.lower(state, batch).compile()
     times = []
-    for i in range(args.warmup + args.steps):
+    for i in range(FLAGS.warmup + FLAGS.steps):
         start = time.perf_counter()
         if kind == "eval":
             jax.block_until_ready(compiled(state, batch))
         else:
             state, metrics = compiled(state, batch)
             jax.block_until_ready((state, metrics))
-        if i >= args.warmup:
+        if i >= FLAGS.warmup:
             times.append(time.perf_counter() - start)
     figures = {"seconds": statistics.median(times), "flops": flops_of(compiled)}
     figures["xla_bytes"] = xla_buffer_bytes(compiled)
@@ -159,9 +128,9 @@ def format_bytes(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
-def report_line(kind: str, f: dict, args, peak: float) -> str:
+def report_line(kind: str, f: dict, batch: int, peak: float) -> str:
     devices = jax.device_count()
-    rate = images_per_step(kind, args.batch) / f["seconds"]
+    rate = images_per_step(kind, batch) / f["seconds"]
     if f["flops"] is None:
         tflops, util = "n/a", "n/a"
     else:
@@ -182,24 +151,27 @@ def projected_seconds(config, seconds: dict[str, float]) -> float | None:
     return s.joint_steps * seconds["joint"] + s.generations * per_generation
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    kinds = [k for k in args.kinds.split(",") if k]
+def main(argv: list[str]) -> None:
+    del argv
+    kinds = FLAGS.kinds
     if unknown := set(kinds) - set(KINDS):
-        raise ValueError(f"--kinds: unknown {sorted(unknown)}; choose from {KINDS}")
-    config = load_config(args)
-    parallel.check_batch_sizes(config)
+        raise app.UsageError(f"--kinds: unknown {sorted(unknown)}; choose from {KINDS}")
+    config = load_config()
     mesh = parallel.make_mesh()
-    steps = parallel.make_steps(config, mesh)
+    if problems := parallel.batch_size_problems(config, jax.device_count(), jax.process_count()):
+        raise app.UsageError("; ".join(problems))
+    fns = methods.compile_steps(config, mesh, [k for k in kinds if k != "eval"])
+    fns["eval"] = steps.make_inference(config, mesh).confusion
     state = parallel.put_replicated(state_lib.init_state(config), mesh)
     batches = random_batches(config, mesh)
-    peak, peak_source = device_peak_tflops(args.peak_tflops)
+    peak, peak_source = device_peak_tflops(FLAGS.peak_tflops)
     device = jax.devices()[0]
+    d, m = config.data, config.model
     print(
         f"jax {jax.__version__} on {jax.device_count()} x {device.platform} "
-        f"({device.device_kind}); {args.height}x{args.width}, global batch {args.batch}, "
-        f"{args.dtype}, remat={args.remat}, model.width={config.model.width:g}, "
-        f"median of {args.steps} after {args.warmup} warm-up calls; "
+        f"({device.device_kind}); {d.height}x{d.width}, global batch {FLAGS.batch}, "
+        f"{m.dtype}, remat={m.remat}, model.width={m.width:g}, "
+        f"median of {FLAGS.steps} after {FLAGS.warmup} warm-up calls; "
         f"peak {peak:g} TFLOP/s per device ({peak_source})"
     )
     print(
@@ -208,10 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     seconds = {}
     for kind in kinds:
-        figures, state = time_kind(kind, steps, state, batches, args)
+        figures, state = time_kind(kind, fns, state, batches)
         figures["memory"] = peak_device_memory()
         seconds[kind] = figures["seconds"]
-        print(report_line(kind, figures, args, peak), flush=True)
+        print(report_line(kind, figures, FLAGS.batch, peak), flush=True)
     total = projected_seconds(config, seconds)
     s = config.schedule
     if total is not None:
@@ -223,4 +195,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

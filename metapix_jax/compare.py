@@ -6,6 +6,7 @@ separate the source pixels known to be harmful (mislabeled) from the clean ones.
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 
 import jax
@@ -13,7 +14,17 @@ import ml_collections
 import numpy as np
 from clu import metric_writers
 
-from metapix_jax import checkpoints, evaluate, methods, parallel, schedule, steps
+from metapix_jax import (
+    checkpoints,
+    console,
+    evaluate,
+    figures,
+    methods,
+    parallel,
+    progress,
+    schedule,
+    steps,
+)
 from metapix_jax import state as state_lib
 from metapix_jax.data import datasets, sources
 
@@ -35,18 +46,20 @@ def auroc(negative_scores: np.ndarray, positive_scores: np.ndarray) -> float:
 def weight_separation(
     config: ml_collections.ConfigDict, workdir: str, num_images: int = 100
 ) -> dict | None:
-    """AUROC and mean weights of harmful vs clean labeled source pixels, or None.
+    """AUROC and mean weights of harmful vs clean labeled source pixels, or None; also
+    draws WORKDIR/weights.png (figures.py).
 
     Uses the final weighting network of the run in `workdir` on the first `num_images`
     source images (no flip). A high AUROC means low weights where the labels are wrong.
     """
     data = datasets.get_datasets(config, workdir, with_source=True)
     images = datasets.Head(data.source, num_images)
-    if not len(images) or not os.path.exists(datasets.harmful_mask_path(images.name(0))):
-        return None
     mesh = parallel.make_mesh()
     state = evaluate.restore_for_reading(config, workdir, mesh)
     inference = steps.make_inference(config, mesh)
+    figures.write_weights_figure(state, inference, data, mesh, os.path.join(workdir, "weights.png"))
+    if not len(images) or not os.path.exists(datasets.harmful_mask_path(images.name(0))):
+        return None
     weights, harmful, valid = [], [], []
     rows = config.data.eval_batch
     for i, batch in enumerate(data.eval_batches(images)):
@@ -129,7 +142,11 @@ def reuse_pretraining(
     finally:
         source_manager.close()
         dest_manager.close()
-    print(f"[{config.method}] starting from direct_joint's joint phase at position {position}")
+    console.say(
+        config.method,
+        f"its first {position} steps are direct_joint's joint phase, the same steps: "
+        "starting from that checkpoint",
+    )
     return True
 
 
@@ -158,17 +175,23 @@ def run_comparison(
     list direct_joint before them to share the pre-training.
     """
     configs = {name: method_config(config, name, workdir) for name in config.compare_methods}
-    results = {}
-    for name, sub in configs.items():
+    results, speeds = {}, {}
+    for k, (name, sub) in enumerate(configs.items(), start=1):
+        left = remaining_seconds(list(configs.values())[k - 1 :], speeds, configs)
+        about = f"; about {progress.format_seconds(left)} left in all" if speeds else ""
+        console.say("compare", f"method {k} of {len(configs)}: {name}{about}")
         method_dir = os.path.join(workdir, name)
         if name != "direct_joint" and "direct_joint" in results:
             source = configs["direct_joint"]
             reuse_pretraining(sub, source, os.path.join(workdir, "direct_joint"), method_dir)
         results[name] = {"eval": train_and_evaluate(sub, method_dir)}
+        speeds.update(results[name]["eval"].get("seconds_per_step", {}))
         if methods.learns_weights(sub):
             results[name]["weights"] = separation = weight_separation(sub, method_dir)
             if separation:
                 write_separation(separation, method_dir, results[name]["eval"]["position"])
+            if name == "metapix" and jax.process_index() == 0:  # The picture to look at.
+                shutil.copyfile(f"{method_dir}/weights.png", f"{workdir}/weights.png")
     table = format_table(results)
     print(table, flush=True)
     if jax.process_index() == 0:
@@ -177,6 +200,21 @@ def run_comparison(
         with open(os.path.join(workdir, "compare.md"), "w") as f:
             f.write(table + "\n")
     return results
+
+
+def remaining_seconds(todo: list, speeds: dict[str, float], configs: dict) -> float:
+    """About how long the methods in `todo` take, at the step speeds seen so far (a step kind
+    not seen yet at the slowest seen); a joint phase shared with direct_joint costs nothing."""
+    if not speeds:
+        return float("nan")
+    shared = joint_phase_signature(configs["direct_joint"]) if "direct_joint" in configs else None
+    total = 0.0
+    for sub in todo:
+        plan = schedule.phases(sub)
+        if sub.method != "direct_joint" and shared and joint_phase_signature(sub) == shared:
+            plan = plan[1:]
+        total += sum(p.length * speeds.get(p.kind, max(speeds.values())) for p in plan)
+    return total
 
 
 def format_table(results: dict) -> str:

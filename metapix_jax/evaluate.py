@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from metapix_jax import checkpoints, parallel, steps
+from metapix_jax import checkpoints, console, parallel, steps
 from metapix_jax.data import datasets as datasets_lib
 from metapix_jax.data import labels
 from metapix_jax.state import TrainState
@@ -142,9 +142,8 @@ def run_evaluation(
     confusion = confusion_over(state, confusion_fn, data.eval_batches(), mesh)
     result = evaluation_result(confusion, state, config)
     write_result(result, workdir, writer)
-    print(
-        f"[{config.method}] eval at position {result['position']}: mIoU {100 * result['miou']:.2f}"
-    )
+    miou = 100 * result["miou"]
+    console.say(config.method, f"eval at position {result['position']}: mIoU {miou:.2f}")
     return result
 
 

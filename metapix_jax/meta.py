@@ -62,14 +62,16 @@ def meta_loss(
     inner: InnerStep,
     config: ml_collections.ConfigDict,
     weights: jax.Array | None = None,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, steps.Metrics]:
     """Lines 3-7: Loss^t(phi), the target loss after one step on the W-weighted source loss.
 
-    `weights` replaces line 3's W (the benchmarks differentiate with respect to W itself).
+    For the benchmarks: `weights` replaces line 3's W (they differentiate with respect to W
+    itself), `key` the step's dropout key.
     """
     if weights is None:
         weights = steps.source_weights(unet, unet_params, batch)  # line 3: W = f_phi(x_s, y_s)
-    source_key, target_key = jax.random.split(steps.step_key(state))
+    source_key, target_key = jax.random.split(steps.step_key(state) if key is None else key)
 
     def weighted_source_loss(params: Any) -> jax.Array:  # line 4: L_s(theta, W)
         logits_s, _ = model.apply(

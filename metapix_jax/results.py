@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from metapix_jax import methods
+from metapix_jax.errors import ConfigError
 from metapix_jax.workdir import flatten
 
 # Fields that differ between runs without changing what is trained.
@@ -38,7 +39,7 @@ IGNORED_FIELDS = (
 def find_runs(root: str) -> list[dict]:
     """Every run under `root`: {'dir', 'eval', 'config'} (config flattened)."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"results: --workdir {root!r} is not a directory")
+        raise ConfigError(f"config.mode='results': --workdir {root!r} is not a directory")
     runs = []
     for dirpath, _, filenames in sorted(os.walk(root, followlinks=True)):
         if os.path.basename(dirpath) != "eval" or "latest.json" not in filenames:
@@ -46,14 +47,17 @@ def find_runs(root: str) -> list[dict]:
         run_dir = os.path.dirname(dirpath)
         config_path = os.path.join(run_dir, "config.json")
         if not os.path.exists(config_path):
-            raise FileNotFoundError(f"results: {config_path} is missing (needed beside eval/)")
+            raise ConfigError(f"config.mode='results': {config_path} is missing (beside eval/)")
         with open(os.path.join(dirpath, "latest.json")) as f:
             evaluation = json.load(f)
         with open(config_path) as f:
             config = flatten(json.load(f))
         runs.append({"dir": run_dir, "eval": evaluation, "config": config})
     if not runs:
-        raise FileNotFoundError(f"results: no eval/latest.json under {root!r}; train first")
+        raise ConfigError(
+            f"config.mode='results': no finished run under {root!r} (no eval/latest.json): "
+            "train first, or point --workdir at the folder that holds the runs"
+        )
     return runs
 
 
@@ -107,7 +111,7 @@ def format_row(method: str, setting: str, group: list[dict], classes: list[str])
     mean, spread = mean_and_spread([100 * r["eval"]["miou"] for r in group])
     steps = sorted({r["eval"]["segmenter_steps"] for r in group})
     cells = [method, setting or "-", str(len(group)), "/".join(map(str, steps))]
-    cells.append(f"{mean:.2f} ({spread:.2f})")
+    cells.append(f"{mean:.2f} ({spread:.2f})" if len(group) > 1 else f"{mean:.2f} (-)")
     for name in classes:
         values = [r["eval"]["per_class_iou"].get(name) for r in group]
         values = [v for v in values if v is not None]

@@ -8,6 +8,7 @@ optimiser) is re-applied when a run resumes exactly there.
 """
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 
 import jax
@@ -17,8 +18,10 @@ from jax.sharding import Mesh
 
 from metapix_jax import (
     checkpoints,
+    console,
     evaluate,
     faults,
+    figures,
     methods,
     nonfinite,
     parallel,
@@ -64,7 +67,9 @@ class Run:
     progress: progress.Progress
     checker: nonfinite.Checker
     interrupt: InterruptFlag
+    shown: figures.Examples | None  # The fixed examples of the TensorBoard images.
     interval: object = None  # The clu Collection of the current logging interval.
+    compiled: set[str] = dataclasses.field(default_factory=set)  # Step kinds compiled so far.
 
     def save(self, state: TrainState, phase: schedule.Phase) -> None:
         """Saves after making sure no step since the last check was non-finite."""
@@ -79,6 +84,18 @@ class Run:
         return result
 
 
+def restore_or_initialise(config, manager, mesh: Mesh, total: int) -> TrainState:
+    """The latest readable checkpoint's state, or a fresh one, replicated over the mesh."""
+    if manager.latest_step() is not None:
+        console.say(config.method, f"restoring the latest checkpoint in {manager.directory}")
+    restored = checkpoints.restore_latest_readable(manager, parallel.state_template(config, mesh))
+    if restored is None:
+        console.say(config.method, "initialising the networks")
+        return parallel.put_replicated(state_lib.init_state(config), mesh)
+    console.say(config.method, f"continuing from position {int(restored.position)} of {total}")
+    return parallel.put_replicated(restored, mesh)
+
+
 def start_run(config: ml_collections.ConfigDict, workdir: str, interrupt: InterruptFlag):
     """Sets up a run and restores its state: (Run, state at the position to go on from)."""
     workdir_lib.check_config_unchanged(config, workdir)  # Again: library callers skip main.
@@ -91,11 +108,8 @@ def start_run(config: ml_collections.ConfigDict, workdir: str, interrupt: Interr
     manager = checkpoints.make_manager(
         workdir, [p.end for p in plan], config.keep_periodic, cleanup=True
     )
-    restored = checkpoints.restore_latest_readable(manager, parallel.state_template(config, mesh))
-    state = parallel.put_replicated(restored or state_lib.init_state(config), mesh)
+    state = restore_or_initialise(config, manager, mesh, plan[-1].end)
     workdir_lib.save_config(config, workdir)
-    if int(state.position):
-        print(f"[{config.method}] resuming at position {int(state.position)}", flush=True)
     run = Run(
         config=config,
         workdir=workdir,
@@ -112,6 +126,7 @@ def start_run(config: ml_collections.ConfigDict, workdir: str, interrupt: Interr
         progress=progress.Progress(plan),
         checker=nonfinite.Checker(config.nonfinite, plan[-1].end),
         interrupt=interrupt,
+        shown=figures.fixed_examples(data) if config.image_every else None,
     )
     return run, state
 
@@ -141,18 +156,12 @@ def log_interval(run: Run, state: TrainState, phase: schedule.Phase, position: i
     scalars = {f"{phase.kind}/{k}": v for k, v in summary.items()}
     scalars.update({f"{phase.kind}/steps_per_sec": rate, "learning_rate": float(lr)})
     run.writer.write_scalars(position, scalars)
-    shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items()))
     eta = progress.format_seconds(run.progress.eta_seconds(position))
-    print(
-        f"[{run.config.method}] {phase.name} {position - phase.start}/{phase.length} "
-        f"(position {position}/{run.progress.total}) {shown} {rate:.2f} steps/s ETA {eta}",
-        flush=True,
-    )
+    line = progress.progress_line(phase, position, run.progress.total, summary, rate, eta)
+    console.say(run.config.method, line)
 
 
-def after_step(
-    run: Run, state: TrainState, phase: schedule.Phase, position: int, step_metrics, batch
-) -> None:
+def after_step(run: Run, state: TrainState, phase: schedule.Phase, position: int, step_metrics):
     """The periodic actions after the step to `position`: logs, images, saves, signals."""
     config = run.config
     run.checker.record(position, step_metrics)
@@ -160,14 +169,29 @@ def after_step(
     if position % config.log_every == 0 or position == phase.end:
         log_interval(run, state, phase, position)
     if config.image_every and position % config.image_every == 0:
-        shown = summaries.image_summaries(
-            state, run.inference, batch, config.data.normalization, phase.spec.shows_weights
+        images = figures.image_summaries(
+            state,
+            run.inference,
+            run.shown,
+            run.mesh,
+            config.data.normalization,
+            phase.spec.shows_weights,
         )
-        run.writer.write_images(position, shown)
+        run.writer.write_images(position, images)
     if config.checkpoint_every and position % config.checkpoint_every == 0:
         run.save(state, phase)
         run.progress.restart(position)
     stop_if_interrupted(run, state, phase)
+
+
+def first_step(run: Run, state: TrainState, phase: schedule.Phase, position: int) -> None:
+    """Waits for a phase's first step, so that its compilation is timed apart from the steps."""
+    jax.block_until_ready(state.position)
+    if phase.kind not in run.compiled:
+        run.compiled.add(phase.kind)
+        seconds = time.perf_counter() - run.progress.mark[1]
+        console.say(run.config.method, f"{phase.kind} step compiled and run ({seconds:.1f} s)")
+    run.progress.restart(position)  # Do not count the compilation.
 
 
 def run_phase(state: TrainState, phase: schedule.Phase, run: Run) -> TrainState:
@@ -178,13 +202,15 @@ def run_phase(state: TrainState, phase: schedule.Phase, run: Run) -> TrainState:
     """
     step = run.steps[phase.kind]
     first = int(state.position)
+    if phase.kind not in run.compiled:
+        console.say(run.config.method, f"{phase.name}: compiling the {phase.kind} step")
+    run.progress.restart(first)
     for position in range(first + 1, phase.end + 1):  # The position after each step.
         batch = parallel.to_global(next(run.batches), run.mesh)
         state, step_metrics = step(state, batch)
         if position == first + 1:
-            jax.block_until_ready(state.position)
-            run.progress.restart(position)  # Do not count the compilation.
-        after_step(run, state, phase, position, step_metrics, batch)
+            first_step(run, state, phase, position)
+        after_step(run, state, phase, position, step_metrics)
     return state
 
 
@@ -207,15 +233,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     state = parallel.put_replicated(begin_phase(state, phase, config), run.mesh)
                 state = run_phase(state, phase, run)
                 run.save(state, phase)
-                if config.eval_at_phase_end or phase is run.plan[-1]:
+                changed = phase.spec.changes_segmenter  # A meta phase leaves the mIoU as it was.
+                if (config.eval_at_phase_end and changed) or phase is run.plan[-1]:
                     result = run.evaluate(state)
             if result is None:  # Nothing left to train: evaluate what the checkpoint holds.
                 result = run.evaluate(state)
         run.manager.close()
     if run.checker.skipped:
-        print(
-            f"[{config.method}] skipped {run.checker.skipped} steps with a non-finite loss or "
-            "gradient (config.nonfinite='skip')",
-            flush=True,
+        console.say(
+            config.method,
+            f"skipped {run.checker.skipped} steps with a non-finite loss or gradient "
+            "(config.nonfinite='skip')",
         )
-    return {**result, "nonfinite_skipped": run.checker.skipped}
+    speeds = dict(run.progress.seconds_per_step)  # For compare mode's ETA.
+    return {**result, "nonfinite_skipped": run.checker.skipped, "seconds_per_step": speeds}

@@ -121,3 +121,27 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         with open(path + ".tmp", "w") as f:
             f.write(config.to_json_best_effort(indent=2))
         os.replace(path + ".tmp", path)
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """A run's config.json as a locked config: configs/default.py's fields, with the run's
+    values (JSON lists back as tuples where the field holds a tuple). Fields the file lacks
+    (added later) keep their defaults, which ADDED_FIELDS says the old code behaved as."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import default
+
+    with open(path) as f:
+        saved = flatten(json.load(f))
+    config = default.get_config()
+    for field, value in saved.items():
+        *groups, name = field.split(".")
+        target = config
+        for group in groups:
+            target = target.get(group) if isinstance(target, ml_collections.ConfigDict) else None
+        if not isinstance(target, ml_collections.ConfigDict) or name not in target:
+            continue  # A field this version no longer has.
+        target[name] = tuple(value) if isinstance(target[name], tuple) else value
+    config.lock()
+    return config

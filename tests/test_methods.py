@@ -293,14 +293,14 @@ def test_results_table_from_hand_written_runs(tmp_path):
     )
     # Direct joint first (the paper's order; its config predates weighting.kind, so that is
     # no difference); MetaPix: mean 32.00, sd sqrt(8) = 2.83; log_every is no setting.
-    assert table[2] == "| direct_joint | - | 1 | 10 | 25.00 (0.00) | 60.0 | - |"
+    assert table[2] == "| direct_joint | - | 1 | 10 | 25.00 (-) | 60.0 | - |"
     assert table[3] == "| metapix | - | 2 | 10 | 32.00 (2.83) | 60.0 | - |"
-    assert table[4] == "| metapix | weighting.kind=w19 | 1 | 10 | 20.00 (0.00) | 40.0 | - |"
+    assert table[4] == "| metapix | weighting.kind=w19 | 1 | 10 | 20.00 (-) | 40.0 | - |"
     assert open(os.path.join(root, "results.md")).read().splitlines() == table
 
 
 def test_results_without_runs_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no eval/latest.json"):
+    with pytest.raises(validation.ConfigError, match="no eval/latest.json"):
         results.results_table(str(tmp_path))
 
 
@@ -344,11 +344,12 @@ def test_every_new_method_trains_and_evaluates_through_main(tmp_path):
     )
     for name in ("finetune", "metapix_w19", "metapix_online", "hrselect"):
         assert (
-            f"[{methods.resolve(name)[0]}] starting from direct_joint's joint phase" in proc.stdout
+            f"[{methods.resolve(name)[0]}] its first 2 steps are direct_joint's joint phase"
+            in proc.stdout
         )
         assert 0 <= r["eval"]["miou"] <= 1
     for name in ("fda", "direct_joint", "oracle_mask"):  # Another first phase: no reuse.
-        assert f"[{name}] starting" not in proc.stdout, name
+        assert f"[{name}] its first" not in proc.stdout, name
     assert "weights" in compared["hrselect"] and "weights" not in compared["fda"]
     table = run_main("--config=configs/test.py", f"--workdir={workdir}", "--config.mode=results")
     assert table.returncode == 0, table.stderr[-3000:]

@@ -113,11 +113,11 @@ def test_killed_anywhere_and_rerun_ends_bit_identical(shared, tmp_path):
             damage(workdir, 7)  # The next run must fall back to checkpoint 6.
         if fault == "position:11":
             assert "checkpoint 7 is unreadable" in proc.stdout
-            assert "resuming at position 6" in proc.stdout
+            assert "continuing from position 6 of 11" in proc.stdout
             assert os.path.isdir(os.path.join(workdir, "unreadable_checkpoints", "7"))
     proc = train(workdir, env, data)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "resuming at position 10" in proc.stdout
+    assert "continuing from position 10 of 11" in proc.stdout
     assert not temporary_dirs(workdir)  # The half-written save was cleaned up.
     assert_bitwise_equal(final_state(workdir), final_state(reference))
     # The check is able to fail: an earlier position's state differs from the final one.

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from metapix_jax import console
 from metapix_jax.data import labels, pipeline, prepare, sources, synthetic
 from metapix_jax.data.pipeline import Examples
 
@@ -32,6 +33,7 @@ def write_synthetic(config: ml_collections.ConfigDict, workdir: str) -> str:
     d = config.data
     root = benchmark_root(config, workdir)
     if jax.process_index() == 0:
+        total = d.synthetic_num_source + d.synthetic_num_target_train + d.synthetic_num_target_val
         synthetic.write_benchmark(
             root,
             seed=d.synthetic_seed,
@@ -42,6 +44,8 @@ def write_synthetic(config: ml_collections.ConfigDict, workdir: str) -> str:
             num_target_val=d.synthetic_num_target_val,
             gap=d.synthetic_gap,
             **synthetic.harm_kwargs(d),
+            workers=min(4, os.cpu_count() or 1) if total >= 500 else 1,
+            progress=console.Bar("data", f"writing the benchmark into {root}", total),
         )
     if jax.process_count() > 1:  # The other processes read what process 0 wrote.
         multihost_utils.sync_global_devices("synthetic benchmark written")

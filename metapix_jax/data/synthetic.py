@@ -38,7 +38,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
@@ -811,6 +811,7 @@ def write_benchmark(
     appearance: Mapping[str, str] | str | None = None,
     appearance_rate: float = 0.7,
     workers: int = 1,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Write the benchmark under `root` (root/gta5, root/cityscapes) and return its metadata.
 
@@ -822,6 +823,7 @@ def write_benchmark(
     `workers` > 1 renders in that many 'spawn' processes (safe after jax or grain started
     threads, but the calling script then needs the `if __name__ == "__main__":` guard); the
     bytes do not depend on it. The default demo size takes about 15 s in one process.
+    `progress(done)` is called as images are written (of the source, train and val splits).
 
     `harm` picks the kind of harmful source pixels (HARM_KINDS, module docstring); the other
     keywords after `gap` are the kinds' parameters (`harm_params`), each read by one kind only.
@@ -876,12 +878,18 @@ def write_benchmark(
     jobs = [(root, "source", i, params) for i in range(num_source)]
     jobs += [(root, "train", i, params) for i in range(num_target_train)]
     jobs += [(root, "val", i, params) for i in range(num_target_val)]
+    progress = progress or (lambda done: None)
+    counts = []
     if workers > 1:
         # 'spawn': safe even if the caller has started threads (jax, grain) in this process.
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            counts = list(pool.map(_make_item, jobs, chunksize=16))
+            for count in pool.map(_make_item, jobs, chunksize=16):
+                counts.append(count)
+                progress(len(counts))
     else:
-        counts = [_make_item(job) for job in jobs]
+        for job in jobs:
+            counts.append(_make_item(job))
+            progress(len(counts))
 
     stats = {}
     for split, lo, hi in [

@@ -23,6 +23,20 @@ from metapix_jax.models.resize import resize_bilinear_align_corners
 WEIGHTING_KINDS = ("w1", "w19")
 
 
+def normal_init(stddev: float):
+    """N(0, stddev^2) kernels, the same bits whether initialised eagerly or under jit.
+
+    Flax's `normal(stddev)` is `sqrt(2) * erfinv(u) * stddev`; under jit XLA folds the two
+    constants into one product, which rounds differently in the last bit. The barrier keeps
+    the multiplication apart, so a jitted initialisation gives exactly the eager one.
+    """
+
+    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        return jax.lax.optimization_barrier(jax.random.normal(key, shape, dtype)) * stddev
+
+    return init
+
+
 class DoubleConv(nn.Module):
     """(3x3 conv -> instance norm without affine -> ReLU) twice; the first to `mid`."""
 
@@ -39,7 +53,7 @@ class DoubleConv(nn.Module):
                 (3, 3),
                 padding=1,
                 dtype=self.dtype,
-                kernel_init=nn.initializers.normal(self.init_std),
+                kernel_init=normal_init(self.init_std),
                 name=f"conv{i + 1}",
             )(x)
             x = nn.InstanceNorm(use_scale=False, use_bias=False, dtype=self.dtype)(x)
@@ -111,7 +125,7 @@ class WeightingUNet(nn.Module):
             outputs,
             (1, 1),
             dtype=jnp.promote_types(self.dtype, jnp.float32),
-            kernel_init=nn.initializers.normal(self.init_std),
+            kernel_init=normal_init(self.init_std),
             bias_init=bias_init,
             name="out",
         )(x)
