@@ -6,16 +6,10 @@ value, bad data, a non-finite loss, an interruption) end with one line on stderr
 traceback.
 """
 
-import os
 import sys
 
-# TensorFlow (imported by clu's writers) prints start-up noise unless told not to; this
-# must come before anything imports it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and results go.")
@@ -34,7 +28,7 @@ def main(argv: list[str]) -> None:
     if not verbosity_given(sys.argv):
         logging.set_verbosity(logging.WARNING)  # Progress lines are printed; -v 0 for INFO logs.
     # Imported here so that --help is fast and flag errors come before JAX starts; the
-    # config is checked before the training code (TensorFlow, via clu) is even imported.
+    # config is checked before the training code (JAX, clu) is even imported.
     from metapix_jax import checkpoints, validation
     from metapix_jax.data import sources
 
