@@ -11,12 +11,15 @@ never imports TensorFlow. Nothing else in clu changes: `create_default_writer`, 
 Always this writer, not only when TensorFlow is missing:
 - One code path: the writer the tests check is the writer every run uses, on every host.
 - Nothing is lost: the event files hold the same summaries (see tensorboard_writer).
-- No run pays TensorFlow's start-up (5 s on a 2-core CPU), even where it is installed.
+- No run pays TensorFlow's start-up (5-10 s on a 2-core CPU), even where it is installed.
 
 `metapix_jax/__init__.py` calls `install()`, so it has run before any module of the project
-imports clu. This module imports only the standard library: the package import stays cheap and
-works on a host with only jax installed; the writer's own imports (tensorboard, Pillow) happen
-when clu asks for it.
+imports clu. A script or test that imports `clu.metric_writers` itself must import metapix_jax
+(or call `install()`) first: without TensorFlow, clu's package imports only after it.
+
+This module imports only the standard library: the package import stays cheap and works on a
+host with only jax installed; the writer's own imports (tensorboard, Pillow) happen when clu
+asks for it.
 """
 
 import sys

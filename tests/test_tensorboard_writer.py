@@ -15,7 +15,6 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from clu import metric_writers
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -24,6 +23,11 @@ from tensorboard.util import tensor_util
 
 from metapix_jax import clu_summary_writer
 from metapix_jax.tensorboard_writer import TensorBoardWriter, _to_uint8
+
+# Importing metapix_jax has installed the writer already; what any script that imports clu's
+# writers itself must do first, since without TensorFlow they import only after install().
+clu_summary_writer.install()
+from clu import metric_writers  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(0)
