@@ -1,12 +1,21 @@
 """Cityscapes through tensorflow-datasets' `cityscapes/semantic_segmentation` builder.
 
 An alternative to the folder layout for the target domain (config data.target_format='tfds').
-This module imports tensorflow_datasets (and with it TensorFlow), so it is imported only when
-that format is chosen; the rest of the data package never imports it.
+This module imports tensorflow_datasets (slow to import), so it is imported only when that
+format is chosen; the rest of the data package never imports it. Reading needs no TensorFlow:
+`tfds.data_source` reads array_record files and decodes the PNGs with OpenCV or Pillow.
 
 The dataset must already be built in the array_record file format (random access is what the
-pipelines need), e.g. after placing the official zips in the manual dir:
-`tfds build cityscapes/semantic_segmentation --manual_dir=DIR --file_format=array_record`.
+pipelines need). Building runs the builder's TensorFlow code once, so it needs the packages of
+requirements-tfds-build.txt; with the official zips (leftImg8bit_trainvaltest.zip,
+gtFine_trainvaltest.zip) in ZIPS:
+
+    python -c "import tensorflow_datasets as tfds; tfds.builder(
+        'cityscapes/semantic_segmentation', data_dir='DIR', file_format='array_record'
+    ).download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir='ZIPS'))"
+
+(The Python API rather than `tfds build`: tensorflow-datasets 4.9.10's command line imports
+apache-beam at start-up and fails without it.)
 """
 
 import numpy as np
@@ -36,8 +45,9 @@ class TfdsExamples:
         except Exception as e:  # tfds raises several types for a missing or unbuilt dataset.
             raise sources.DataError(
                 f"cannot open TFDS {TFDS_NAME!r} split {self.split!r} in data_dir "
-                f"{data_dir or '(default)'!r}: {e}. Build it first with `tfds build {TFDS_NAME} "
-                "--manual_dir=DIR --file_format=array_record` (config data.tfds_data_dir)"
+                f"{data_dir or '(default)'!r}: {e}. Build it first in the array_record format "
+                "(config data.tfds_data_dir; how: metapix_jax/data/tfds_source.py, with "
+                "requirements-tfds-build.txt installed)"
             ) from e
 
     def __len__(self) -> int:
