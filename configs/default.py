@@ -174,7 +174,11 @@ def get_config() -> ml_collections.ConfigDict:
     predict.input = ""  # Images to segment: a folder (searched recursively) or a glob.
     predict.output = ""  # Where the PNGs go ('' = WORKDIR/predict).
     predict.overlay = 0.0  # > 0: also <name>_overlay.png, the colours at this opacity (<= 1).
+    predict.color = True  # Write <name>_color.png (the Cityscapes palette).
     predict.train_ids = False  # Also write <name>_trainIds.png (raw train ids, 255 = none).
+    # Also write <name>_labelIds.png (Cityscapes label ids, what the official evaluator and
+    # the benchmark server read; with predict.color=False a folder holds nothing else).
+    predict.label_ids = False
     predict.weights_for = ""  # 'source': also write U-Net weight maps (paper Fig. 3).
     predict.num_weight_images = 10  # How many source images (the first) get weight maps.
     return config

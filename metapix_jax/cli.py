@@ -222,6 +222,9 @@ def config_for_mode(
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Validates, then runs config.mode; every expected failure is one line on stderr."""
+    print(
+        f"[{config.mode}] {os.path.abspath(workdir)}: starting JAX, checking the config", flush=True
+    )
     from metapix_jax import checkpoints, errors, nonfinite, preemption, validation
     from metapix_jax.data import sources
 

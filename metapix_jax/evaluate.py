@@ -173,7 +173,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     parallel.initialize_distributed(config)  # Before anything touches a device.
     mesh = parallel.make_mesh()
     state = restore_for_reading(config, workdir, mesh)
-    data = datasets_lib.get_datasets(config, workdir, with_source=False)
+    data = datasets_lib.get_datasets(config, workdir, with_source=False, with_train=False)
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=False
     )

@@ -213,6 +213,18 @@ def oracle_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
             yield f"config.method={name!r} reads the source PNGs: leave data.source_prepared empty"
 
 
+def needs_source(config: ml_collections.ConfigDict) -> bool:
+    """Whether the mode reads source images: training a method that does, predict's weight
+    maps; never evaluation."""
+    if config.mode == "predict":
+        return bool(config.predict.weights_for)
+    names = list(config.compare_methods) if config.mode == "compare" else [config.method]
+    resolved = [methods.VARIANTS.get(n, (n,))[0] for n in names]
+    return config.mode != "eval" and any(
+        methods.METHODS[n].reads_source for n in resolved if n in methods.METHODS
+    )
+
+
 def data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     """Real data needs its roots; the synthetic benchmark needs a valid label convention."""
     d = config.data
@@ -225,8 +237,7 @@ def data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
         )
         return
     roots = [] if d.target_format == "tfds" else [("target_root", d.target_root)]
-    needs_source = config.method in methods.METHODS and methods.reads_source(config)
-    if needs_source and not d.source_prepared:
+    if needs_source(config) and not d.source_prepared:
         roots.insert(0, ("source_root", d.source_root))
     for field, root in roots:
         if not root:
@@ -268,10 +279,18 @@ def confusion_problems(text: Any) -> Iterator[str]:
 
 def predict_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     """Predict mode needs something to segment or weight maps to draw."""
-    if config.mode == "predict" and not config.predict.input and not config.predict.weights_for:
+    p = config.predict
+    if config.mode != "predict":
+        return
+    if not p.input and not p.weights_for:
         yield (
             "config.predict.input is empty: give a folder of images or a glob (or "
             "predict.weights_for='source' for weight maps alone)"
+        )
+    if p.input and not (p.color or p.overlay or p.train_ids or p.label_ids):
+        yield (
+            "config.predict: nothing to write; set predict.color, predict.label_ids, "
+            "predict.train_ids or predict.overlay"
         )
 
 

@@ -99,32 +99,48 @@ def test_checkpoints_at_every_phase_end_and_tensorboard_logs(compare_run):
         assert os.path.exists(f"{workdir}/{method}/eval/latest.json")
 
 
-def test_eval_mode_reads_the_checkpoints(compare_run):
+def test_eval_mode_reads_the_checkpoints_with_the_runs_own_config(compare_run):
+    """Eval of a compare-mode method: the benchmark it trained on (from its config.json), no
+    regeneration, the same mIoU; by the config file, or by the run's folder as --config."""
     workdir, _ = compare_run
     method_dir = os.path.join(workdir, "metapix")
     trained = json.load(open(os.path.join(method_dir, "eval", "latest.json")))
     os.remove(os.path.join(method_dir, "eval", "latest.json"))
-    proc = run_main(
-        "--config=configs/test.py",
-        f"--workdir={method_dir}",
-        "--config.mode=eval",
-        "--config.method=metapix",
-        f"--config.data.synthetic_root={workdir}/benchmark",
-    )
+    proc = run_main("--config=configs/test.py", f"--workdir={method_dir}", "--config.mode=eval")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"with the run's own config ({method_dir}/config.json)" in proc.stdout
+    assert not os.path.exists(os.path.join(method_dir, "benchmark"))  # Nothing regenerated.
     evaluated = json.load(open(os.path.join(method_dir, "eval", "latest.json")))
     assert evaluated["position"] == 11
     assert evaluated["miou"] == pytest.approx(trained["miou"])
-    # An earlier checkpoint by position.
+    # An earlier checkpoint by position, with the run's folder as the config.
     proc = run_main(
-        "--config=configs/test.py",
+        f"--config={method_dir}",
         f"--workdir={method_dir}",
         "--config.mode=eval",
         "--config.eval_checkpoint=3",
-        f"--config.data.synthetic_root={workdir}/benchmark",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.exists(os.path.join(method_dir, "eval", "eval_00000003.json"))
+
+
+def test_tensorboard_shows_the_weight_maps_and_compare_draws_them(compare_run):
+    """The composite images (source | label | weights | harmful mask) are in the event files;
+    WORKDIR/weights.png holds MetaPix's final maps in the same layout."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    workdir, _ = compare_run
+    events = event_accumulator.EventAccumulator(f"{workdir}/metapix", size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert {"source/image_label_weights_harmful", "target/image_label_prediction"} <= set(tags)
+    shown = events.Images("source/image_label_weights_harmful")[-1]
+    assert shown.width > 4 * 32 and shown.height >= 2 * 16  # Four panels, two examples, enlarged.
+    from PIL import Image
+
+    with Image.open(f"{workdir}/weights.png") as figure:
+        assert figure.width == shown.width and figure.height > shown.height  # Four examples.
+    assert os.path.exists(f"{workdir}/metapix/weights.png")
 
 
 def test_eval_without_a_checkpoint_is_a_clear_error(tmp_path):

@@ -5,13 +5,16 @@ cores; predict mode only needs some checkpoint), and the predictions are checked
 against the model applied in this process.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli import run_main
+from cli import ROOT, run_main
 from PIL import Image
 
 from configs import test as test_config
@@ -167,3 +170,51 @@ def test_no_checkpoint_is_a_clear_error(inputs, tmp_path):
     config.predict.input = inputs
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         predict.run_prediction(config, str(tmp_path))
+
+
+def test_label_id_predictions_are_read_by_the_official_evaluator(trained, tmp_path):
+    """predict.label_ids with predict.color=False: a folder the official evaluator takes as it
+    is, whose score equals this project's eval mode on the same checkpoint (both upsample the
+    logits to the native 2048x1024-style size)."""
+    from test_eval_protocol import _write_val
+
+    workdir, _, _ = trained
+    cityscapes, out = str(tmp_path / "cs"), str(tmp_path / "labelIds")
+    _write_val(cityscapes, 3)
+    proc = run_main(
+        "--config=configs/test.py",
+        f"--workdir={workdir}",
+        "--config.mode=predict",
+        f"--config.predict.input={cityscapes}/leftImg8bit/val",
+        f"--config.predict.output={out}",
+        "--config.predict.color=False",
+        "--config.predict.label_ids=True",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    written = sorted(os.listdir(out))
+    assert written and all(name.endswith("_leftImg8bit_labelIds.png") for name in written)
+    env = dict(
+        os.environ,
+        CITYSCAPES_DATASET=cityscapes,
+        CITYSCAPES_RESULTS=out,
+        CITYSCAPES_EXPORT_DIR=str(tmp_path),
+        JAX_PLATFORMS="cpu",
+    )
+    official = subprocess.run(
+        [sys.executable, "-m", "metapix_jax.data.cityscapes_eval"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert official.returncode == 0, official.stdout[-2000:] + official.stderr[-2000:]
+    with open(tmp_path / "resultPixelLevelSemanticLabeling.json") as f:
+        reference = json.load(f)
+    ours = run_main(
+        "--config=configs/test.py",
+        f"--workdir={workdir}",
+        "--config.mode=eval",
+        "--config.data.synthetic=False",
+        f"--config.data.target_root={cityscapes}",
+    )
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr[-3000:]
+    with open(os.path.join(workdir, "eval", "latest.json")) as f:
+        evaluated = json.load(f)
+    assert evaluated["miou"] == pytest.approx(reference["averageScoreClasses"], abs=1e-9)

@@ -123,7 +123,7 @@ class Datasets:
 
     config: ml_collections.ConfigDict
     source: Examples | None  # None for methods that never read a source image.
-    target_train: Examples
+    target_train: Examples | None  # None where nothing trains (evaluation).
     target_eval: Examples
 
     def train_batches(self, position: int) -> Iterator[Batch]:
@@ -181,20 +181,22 @@ def get_datasets(
     workdir: str,
     *,
     with_source: bool,
+    with_train: bool = True,
     without_harm: bool = False,
 ) -> Datasets:
     """The splits of a run: the source (when asked: methods that never read one, and
-    evaluation, skip listing it; `without_harm`: its known harmful pixels ignored), the
-    target train and eval splits. Writes the embedded benchmark first if configured."""
+    evaluation, skip listing it; `without_harm`: its known harmful pixels ignored), the target
+    train split (unless not `with_train`: evaluation reads none) and the target eval split.
+    Writes the embedded benchmark first if the config asks for it."""
     source_root, target_root = data_roots(config, workdir)
     d = config.data
     source = source_examples(config, source_root) if with_source else None
+    split, listed = d.target_train_split, d.target_train_list
+    train = target_examples(config, target_root, split, listed) if with_train else None
     return Datasets(
         config=config,
         source=WithoutHarm(source) if source is not None and without_harm else source,
-        target_train=target_examples(
-            config, target_root, d.target_train_split, d.target_train_list
-        ),
+        target_train=train,
         target_eval=target_examples(config, target_root, d.target_eval_split, d.target_eval_list),
     )
 
