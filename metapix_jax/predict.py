@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from metapix_jax import evaluate, parallel, steps
-from metapix_jax.data import datasets, labels, pipeline, sources
+from metapix_jax.data import datasets, labels, sources, transforms
 from metapix_jax.models.resize import resize_bilinear_align_corners
 from metapix_jax.state import TrainState
 
@@ -63,7 +63,7 @@ def network_input(image: np.ndarray, config: ml_collections.ConfigDict) -> np.nd
     """Resized to data.height x data.width and normalised as in training."""
     d = config.data
     dummy = np.zeros(image.shape[:2], np.uint8)
-    x, _ = pipeline.preprocess(image, dummy, (d.height, d.width), False, d.normalization)
+    x, _ = transforms.preprocess(image, dummy, (d.height, d.width), False, d.normalization)
     return x
 
 
@@ -140,7 +140,7 @@ def export_weights(
     for start, chunk in chunks(list(range(len(images))), d.eval_batch):
         examples = [images.read(i) for i in chunk]
         inputs = [
-            pipeline.preprocess(im, lab, (d.height, d.width), False, d.normalization)
+            transforms.preprocess(im, lab, (d.height, d.width), False, d.normalization)
             for im, lab in examples
         ]
         batch = {

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metapix_jax.data import labels, normalization, pipeline, sources, synthetic
+from metapix_jax.data import labels, normalization, pipeline, sources, synthetic, transforms
 
 REF_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
            25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
@@ -158,12 +158,12 @@ def test_train_stream_determinism_resume_epochs_flips(tmp_path) -> None:
 def test_preprocess_resize_and_normalization() -> None:
     image = np.full((4, 6, 3), [255, 0, 0], np.uint8)
     label = np.arange(24, dtype=np.uint8).reshape(4, 6)
-    x, y = pipeline.preprocess(image, label, (8, 12), False, "caffe")
+    x, y = transforms.preprocess(image, label, (8, 12), False, "caffe")
     assert x.shape == (8, 12, 3) and y.shape == (8, 12) and set(np.unique(y)) <= set(range(24))
     np.testing.assert_allclose(
         x[0, 0], [-104.00698793, -116.66876762, 255 - 122.67891434], atol=1e-3
     )
-    x, _ = pipeline.preprocess(image, label, None, True, "imagenet")
+    x, _ = transforms.preprocess(image, label, None, True, "imagenet")
     np.testing.assert_allclose(
         x[0, 0],
         (np.array([1.0, 0, 0]) - normalization.IMAGENET_MEAN) / normalization.IMAGENET_STD,

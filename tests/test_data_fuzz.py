@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metapix_jax.data import labels, pipeline, sources
+from metapix_jax.data import labels, png, sources, transforms
 
 CS = labels.CITYSCAPES_ID_TO_TRAIN_ID
 SYN = labels.SYNTHIA_ID_TO_TRAIN_ID
@@ -42,7 +42,7 @@ def png16(array: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
     header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
     return (
-        sources.PNG_SIGNATURE
+        png.PNG_SIGNATURE
         + _chunk(b"IHDR", header)
         + _chunk(b"IDAT", zlib.compress(raw))
         + _chunk(b"IEND", b"")
@@ -269,7 +269,7 @@ def test_resized_files_keep_their_size_and_train_at_the_training_size(tmp_path, 
     image_array = IMAGE
     label_ids = CS_IDS
     if which == "image":
-        image_array = pipeline.resize_image(IMAGE, other)
+        image_array = transforms.resize_image(IMAGE, other)
     else:
         label_ids = np.asarray(Image.fromarray(CS_IDS).resize(other[::-1], Image.NEAREST))
     image = write(f"{tmp_path}/image.png", pil_png(image_array))
@@ -278,7 +278,7 @@ def test_resized_files_keep_their_size_and_train_at_the_training_size(tmp_path, 
     np.testing.assert_array_equal(got_image, image_array)
     np.testing.assert_array_equal(got_label, table_of(label_ids, CS))
     assert caplog.text.count("each is resized to the training size separately") == 1
-    x, y = pipeline.preprocess(got_image, got_label, (8, 8), False, "caffe")
+    x, y = transforms.preprocess(got_image, got_label, (8, 8), False, "caffe")
     assert x.shape == (8, 8, 3) and y.shape == (8, 8)
 
 
@@ -287,7 +287,7 @@ def test_huge_header_is_a_data_error(tmp_path):
     it with their own exception types (a decompression-bomb error, cv2.error)."""
     for depth, colour in [(8, 0), (16, 2)]:
         header = struct.pack(">IIBBBBB", 100_000, 100_000, depth, colour, 0, 0, 0)
-        data = sources.PNG_SIGNATURE + _chunk(b"IHDR", header) + LABELS["grey16"][0][33:]
+        data = png.PNG_SIGNATURE + _chunk(b"IHDR", header) + LABELS["grey16"][0][33:]
         _, label, read = _label_case(tmp_path, data, CS)
         with pytest.raises(sources.DataError, match="label.png"):
             read()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metapix_jax.data import labels, pipeline, prepare, sources
+from metapix_jax.data import labels, pipeline, png, prepare, sources, transforms
 
 CS = labels.CITYSCAPES_ID_TO_TRAIN_ID
 SYN = labels.SYNTHIA_ID_TO_TRAIN_ID
@@ -46,7 +46,7 @@ def _png16(path: str, array: np.ndarray) -> str:
     header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
-        f.write(sources.PNG_SIGNATURE + chunk(b"IHDR", header))
+        f.write(png.PNG_SIGNATURE + chunk(b"IHDR", header))
         f.write(chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
     return path
 
@@ -85,11 +85,11 @@ def test_a_pair_of_different_sizes_passes_through_a_long_shuffled_stream(tmp_pat
             index, flipped = _which(y)
             seen.append(index)
             if index == 2:  # each resized on its own: image bicubic, label nearest
-                image = pipeline.resize_image(images[2], SIZE)
-                label = pipeline.resize_label(examples.read(2)[1], SIZE)
+                image = transforms.resize_image(images[2], SIZE)
+                label = transforms.resize_label(examples.read(2)[1], SIZE)
                 if flipped:
                     image, label = image[:, ::-1], label[:, ::-1]
-                expected_x, _ = pipeline.preprocess(image, label, None, False, "caffe")
+                expected_x, _ = transforms.preprocess(image, label, None, False, "caffe")
                 np.testing.assert_array_equal(x, expected_x)
                 np.testing.assert_array_equal(y, label)
     assert seen.count(2) == 16 and sorted(set(seen)) == [0, 1, 2, 3, 4]
@@ -117,8 +117,8 @@ def test_a_pair_of_different_sizes_in_evaluation(tmp_path):
     resized = next(pipeline.eval_batches(pairs, CS, protocol="resized", **kw))
     label = sources.read_example(*pairs[2], CS)[1]
     np.testing.assert_array_equal(full["label"][2], label)
-    np.testing.assert_array_equal(resized["label"][2], pipeline.resize_label(label, SIZE))
-    expected, _ = pipeline.preprocess(images[2], label, SIZE, False, "imagenet")
+    np.testing.assert_array_equal(resized["label"][2], transforms.resize_label(label, SIZE))
+    expected, _ = transforms.preprocess(images[2], label, SIZE, False, "imagenet")
     np.testing.assert_array_equal(full["image"][2], expected)
     np.testing.assert_array_equal(resized["image"][2], expected)
     assert full["image"].shape == (5, *SIZE, 3) and full["label"].shape == (5, *SHAPE)
@@ -204,7 +204,7 @@ def test_every_bad_file_is_skipped_with_skip_bad_files(tmp_path, caplog):
     _gta5_with_an_odd_pair(f"{tmp_path}/gta", n=4, odd=0)
     pairs = sources.gta5_pairs(f"{tmp_path}/gta")
     with open(pairs[1][1], "wb") as f:
-        f.write(sources.PNG_SIGNATURE + b"\x00\x00")  # cut inside the header
+        f.write(png.PNG_SIGNATURE + b"\x00\x00")  # cut inside the header
     _png(pairs[2][1], RNG.integers(0, 256, (*SHAPE, 3), np.uint8))  # colour-coded label
     kw = dict(batch_size=2, size=SIZE, seed=1, flip=False, normalization="caffe", num_threads=1)
     with pytest.raises(sources.DataError):

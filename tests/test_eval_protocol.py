@@ -21,7 +21,7 @@ from PIL import Image
 from configs import test as test_config
 from metapix_jax import evaluate, parallel, steps
 from metapix_jax import state as state_lib
-from metapix_jax.data import datasets, labels, pipeline, sources
+from metapix_jax.data import datasets, labels, pipeline, sources, transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NATIVE = (48, 80)  # label height, width: not a multiple of the network size
@@ -140,7 +140,7 @@ def _predicted_train_ids(setup) -> list[np.ndarray]:
     predictions = []
     for image_path, label_path in pairs:
         image, _ = sources.read_example(image_path, label_path, labels.CITYSCAPES_ID_TO_TRAIN_ID)
-        x, _ = pipeline.preprocess(image, image[..., 0], NETWORK, False, "imagenet")
+        x, _ = transforms.preprocess(image, image[..., 0], NETWORK, False, "imagenet")
         logits = np.asarray(inference.predict(state, x[None]))[0]
         predictions.append(_upsample_align_corners(logits, *NATIVE).argmax(-1).astype(np.uint8))
     return predictions

@@ -20,7 +20,7 @@ from PIL import Image
 from configs import test as test_config
 from metapix_jax import checkpoints, losses, predict
 from metapix_jax import state as state_lib
-from metapix_jax.data import labels, pipeline, sources
+from metapix_jax.data import labels, sources, transforms
 
 SIZES = {"a/one.png": (23, 41), "a/b/two.jpg": (16, 32), "three.png": (50, 30)}  # (h, w)
 
@@ -121,7 +121,7 @@ def test_predictions_are_the_target_branch_argmax(predicted, inputs, trained):
     """An image already at the network size: no resize, so the ids are the model's argmax."""
     _, config, state = trained
     image = np.asarray(Image.open(os.path.join(inputs, "a/b/two.jpg")).convert("RGB"))
-    x, _ = pipeline.preprocess(image, image[..., 0], None, False, config.data.normalization)
+    x, _ = transforms.preprocess(image, image[..., 0], None, False, config.data.normalization)
     model = state_lib.make_segmenter(config)
     _, logits = jax.jit(lambda p, x: model.apply({"params": p}, None, x))(state.params, x[None])
     expected = np.argmax(np.asarray(logits[0]), -1)

@@ -33,9 +33,8 @@ from typing import Protocol
 import grain
 import numpy as np
 from absl import logging
-from PIL import Image
 
-from metapix_jax.data import labels, sources
+from metapix_jax.data import labels, sources, transforms
 from metapix_jax.data import normalization as normalize
 
 EVAL_PROTOCOLS = ("full", "resized")
@@ -108,68 +107,6 @@ def read_or_replace(
     raise sources.DataError(f"no readable example at all (first bad one: {first_error})")
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 image resized to `size` (height, width), bicubic, with PIL (the authors' setup)."""
-    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BICUBIC))
-
-
-def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 label resized to `size` (height, width), nearest (so no invented classes)."""
-    return np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.Resampling.NEAREST))
-
-
-_resize_label = resize_label  # `preprocess` has an argument of that name.
-
-
-def resize(
-    image: np.ndarray, label: np.ndarray, size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 image (bicubic) and label (nearest) resized to `size` (height, width) with PIL.
-
-    The one resize of the project: `prepare` stores its output, so prepared data and PNGs
-    give identical batches. Each is resized on its own, so an image and label of different
-    sizes (a few real GTA5 pairs) both end at `size`; one already at `size` is left as is.
-    """
-    size = tuple(size)
-    if tuple(image.shape[:2]) != size:
-        image = resize_image(image, size)
-    if tuple(label.shape) != size:
-        label = resize_label(label, size)
-    return image, label
-
-
-def preprocess(
-    image: np.ndarray,
-    label: np.ndarray,
-    size: tuple[int, int] | None,
-    flip: bool,
-    normalization: str,
-    resize_label: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to `size` (height, width), optionally flip, normalise.
-
-    Image bicubic, label nearest (so no invented classes), both with PIL as the authors' setup
-    does, each on its own (an image and label of different sizes both end at `size`, as in
-    the authors' loader). 'imagenet' matches torchvision VGG weights (RGB/255, mean/std);
-    'caffe' is what the authors' code feeds (BGR, 0-255, minus the Caffe mean). `size=None`
-    keeps the native size (a label of another size than its image is then brought to the
-    image's size, nearest); `resize_label=False` keeps the label at its native size (the
-    official evaluation). Returns float32 HxWx3 and int32 HxW.
-    """
-    if size is not None:
-        if tuple(image.shape[:2]) != tuple(size):
-            image = resize_image(image, size)
-        if resize_label and tuple(label.shape) != tuple(size):
-            label = _resize_label(label, size)
-    elif resize_label and label.shape != image.shape[:2]:
-        label = _resize_label(label, image.shape[:2])
-    if flip:
-        image, label = image[:, ::-1], label[:, ::-1]
-    x = image.astype(np.float32)
-    x = normalize.from_pixels(x[..., ::-1] if normalization == "caffe" else x, normalization)
-    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(label, dtype=np.int32)
-
-
 def _shuffle_seed(seed: int) -> int:
     """Hash the seed: grain seeds epoch e by seed+e, so seed s epoch 1 would be seed s+1 epoch 0."""
     return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
@@ -196,7 +133,9 @@ def _train_example(
     A module-level function (bound with functools.partial) so worker processes can pickle it.
     """
     image, label = read_or_replace(examples, index, skip_bad)
-    x, y = preprocess(image, label, size, flip and _flip_of(seed, position), normalization)
+    x, y = transforms.preprocess(
+        image, label, size, flip and _flip_of(seed, position), normalization
+    )
     return {"image": x, "label": y}
 
 
@@ -329,7 +268,9 @@ def _eval_example(
     image, label = read_or_replace(examples, index, skip_bad)
     if label_shape is not None and label.shape != label_shape:
         raise label_size_error(examples, index, label.shape, label_shape)
-    x, y = preprocess(image, label, size, False, normalization, resize_label=label_shape is None)
+    x, y = transforms.preprocess(
+        image, label, size, False, normalization, resize_label=label_shape is None
+    )
     return {"image": x, "label": y}
 
 

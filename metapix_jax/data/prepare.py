@@ -20,7 +20,7 @@ import struct
 import grain
 import numpy as np
 
-from metapix_jax.data import pipeline, sources
+from metapix_jax.data import pipeline, sources, transforms
 
 RECORDS = "examples.array_record"
 META = "meta.json"
@@ -103,7 +103,7 @@ def write_prepared(
     def load(index: int) -> bytes:
         image, label = pipeline.read_or_replace(examples, index, skip_bad)
         # Each to `size` on its own: an image and label of different sizes both get there.
-        return encode(*pipeline.resize(image, label, size))
+        return encode(*transforms.resize(image, label, size))
 
     os.makedirs(out, exist_ok=True)
     records = grain.MapDataset.range(len(examples)).map(load)
