@@ -17,13 +17,15 @@ LINE_WIDTH = 100  # Progress lines fit this many columns.
 SHOWN = {"loss": "loss", "meta_target_loss": "target", "hrselect_l2": "l2", "weight_mean": "w"}
 
 
-def progress_line(phase, position: int, total: int, summary: dict, rate: float, eta: str) -> str:
-    """'meta_gen1 100/200 (700/1400) target 0.3677 w 0.665 7.7/s ETA 1:30': a few metrics."""
+def progress_line(phase, position: int, summary: dict, rate: float, eta: str) -> str:
+    """'meta_gen1 100/200 @700 target 0.3677 w 0.665 7.7/s ETA 1:30': the phase's step
+    count, the schedule position, a few metrics, the speed and the time left."""
     shown = " ".join(f"{SHOWN[k]} {summary[k]:.4g}" for k in SHOWN if k in summary)
-    skipped = f" skipped {int(summary['nonfinite'])}" if summary.get("nonfinite") else ""
+    skipped = f" skip {int(summary['nonfinite'])}" if summary.get("nonfinite") else ""
+    speed = f"{rate:.1f}/s " if np.isfinite(rate) else ""
     return (
-        f"{phase.name} {position - phase.start}/{phase.length} ({position}/{total}) "
-        f"{shown}{skipped} {f'{rate:.1f}/s ' if np.isfinite(rate) else ''}ETA {eta}"
+        f"{phase.name} {position - phase.start}/{phase.length} @{position} "
+        f"{shown}{skipped} {speed}ETA {eta}"
     )
 
 

@@ -157,7 +157,7 @@ def log_interval(run: Run, state: TrainState, phase: schedule.Phase, position: i
     scalars.update({f"{phase.kind}/steps_per_sec": rate, "learning_rate": float(lr)})
     run.writer.write_scalars(position, scalars)
     eta = progress.format_seconds(run.progress.eta_seconds(position))
-    line = progress.progress_line(phase, position, run.progress.total, summary, rate, eta)
+    line = progress.progress_line(phase, position, summary, rate, eta)
     console.say(run.config.method, line)
 
 

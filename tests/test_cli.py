@@ -103,3 +103,14 @@ def test_eval_reads_the_runs_own_config_except_the_commands_fields(tmp_path):
 def test_overridden_fields_are_read_from_the_command_line():
     argv = ["main.py", "--config=x.py", "--config.data.height=8", "--config.seed", "3", "-v=1"]
     assert cli.overridden_fields(argv) == {"data.height", "seed"}
+
+
+def test_progress_lines_fit_100_columns_even_at_the_papers_scale():
+    from metapix_jax import progress, schedule
+
+    phase = schedule.Phase("weighted", 3, 180_000, 15_000)
+    summary = {"loss": 0.123456789, "weight_mean": 0.654321, "grad_norm": 12.3, "nonfinite": 3}
+    line = progress.progress_line(phase, 195_000, summary, 12.345, "12:34:56")
+    expected = "weighted_gen3 15000/15000 @195000 loss 0.1235 w 0.6543 skip 3 12.3/s ETA 12:34:56"
+    assert line == expected
+    assert len(f"[metapix_online] {line}") <= progress.LINE_WIDTH
