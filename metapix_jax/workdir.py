@@ -69,7 +69,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def exempt(field: str) -> bool:
-    return field in EXEMPT_FIELDS or field.split(".")[-1].startswith(EXEMPT_PREFIXES)
+    """Whether a field may differ from the workdir's config.json (e.g. any predict.* field)."""
+    return field in EXEMPT_FIELDS or field.split(".")[0] in EXEMPT_PREFIXES
 
 
 def config_as_saved(config: ml_collections.ConfigDict) -> dict[str, Any]:

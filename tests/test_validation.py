@@ -189,6 +189,9 @@ def test_config_changes_list_the_fields_and_skip_the_exempt_ones(tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         f.write(config.to_json_best_effort())
     assert workdir_lib.check_config_unchanged(tiny_config(log_every=7, mode="eval"), tmp_path) == []
+    # Fields of a mode that does not train, new or changed, never block a resume.
+    predicting = tiny_config(**{"predict.overlay": 0.5, "predict.label_ids": True})
+    assert workdir_lib.check_config_unchanged(predicting, tmp_path) == []
     changed = tiny_config(**{"model.width": 0.5, "schedule.meta_steps": 9})
     with pytest.raises(ConfigError) as error:
         workdir_lib.check_config_unchanged(changed, str(tmp_path))
