@@ -245,6 +245,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "metapix_k1": ("metapix", {"model.split_block": 1}),
     "metapix_adam": ("metapix", {"meta.inner_optimizer": "adam"}),
     "hrselect_w19": ("hrselect", {"weighting.kind": "w19"}),
+    "metapix_norm": ("metapix", {"weighting.normalization": "batch"}),
+    "metapix_classnorm": ("metapix", {"weighting.normalization": "class"}),
 }
 
 
