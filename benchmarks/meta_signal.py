@@ -83,17 +83,41 @@ def main(_) -> None:
     report(signal, source["label"], names, config.data.ignore_label)
 
 
+def class_centred(signal: np.ndarray, label: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The signal minus its mean over the pixels of the same labeled class: what is left to
+    learn from under weighting.normalization='class' (at W = 1, the gradient with respect
+    to the class-normalised weights). 'batch' subtracts one constant, which no AUROC sees."""
+    out = np.zeros_like(signal)
+    for k in np.unique(label[valid]):
+        pixels = valid & (label == k)
+        out[pixels] = signal[pixels] - signal[pixels].mean()
+    return out
+
+
 def report(signal: np.ndarray, label: np.ndarray, names: list[str], ignore_label: int) -> None:
-    """Prints the separation of harmful and clean pixels by the signal."""
+    """Prints the separation of harmful and clean pixels by the signal, and its mean: a
+    positive mean says one step on the source raises the target loss on average, which
+    drives every weight down when the weights are not normalised."""
+    valid = label != ignore_label
+    print(
+        f"mean dL_t/dW over labeled pixels: {signal[valid].mean():+.3e} "
+        f"({100 * (signal[valid] > 0).mean():.1f}% of them positive)"
+    )
     masks = [datasets.harmful_mask_path(name) for name in names]
     if not all(os.path.exists(m) for m in masks):
-        print(f"mean dL_t/dW over labeled pixels: {signal[label != ignore_label].mean():+.3e}")
         return
     harmful = np.stack([sources.read_mask(m) for m in masks])
-    valid = label != ignore_label
     h, c = harmful & valid, ~harmful & valid
+    if not h.any():
+        print("no harmful pixels in these images (a control)")
+        return
+    centred = class_centred(signal, label, valid)
     print(f"mean dL_t/dW: harmful {signal[h].mean():+.3e}, clean {signal[c].mean():+.3e}")
     print(f"AUROC of the signal (harmful above clean): {compare.auroc(signal[c], signal[h]):.3f}")
+    print(
+        "AUROC of the class-centred signal (weighting.normalization='class'): "
+        f"{compare.auroc(centred[c], centred[h]):.3f}"
+    )
 
     def mean(mask: np.ndarray) -> str:
         return f"{signal[mask].mean():+.3e}" if mask.any() else "(none)"

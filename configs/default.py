@@ -108,6 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
     weighting.init_bias = 1.0  # Output bias: initial weight sigmoid(1) = 0.73.
     weighting.init_std = 0.01  # Conv kernels start at N(0, init_std^2).
     weighting.remat = False  # Recompute each U-Net double conv in the backward pass.
+    # How the weights enter the source loss: 'none' (paper) as given, 'batch' divided by their
+    # mean over the batch's labeled pixels, 'class' by their mean per labeled class (losses.py).
+    weighting.normalization = "none"
 
     # ---- schedule (Algorithm 1) --------------------------------------------------------
     config.schedule = schedule = ml_collections.ConfigDict()

@@ -28,6 +28,8 @@ from metapix_jax import (
 from metapix_jax import state as state_lib
 from metapix_jax.data import datasets, sources
 
+WEIGHTS_FILE = "weights.json"  # A weight-learning run's separation, in its workdir.
+
 
 def auroc(negative_scores: np.ndarray, positive_scores: np.ndarray) -> float:
     """P(positive score > negative score), ties counting half (Mann-Whitney U)."""
@@ -89,6 +91,18 @@ def write_separation(separation: dict, workdir: str, position: int) -> None:
     keys = ("auroc", "mean_weight_harmful", "mean_weight_clean")
     writer.write_scalars(position, {f"weights/{k}": separation[k] for k in keys})
     writer.close()
+
+
+def save_separation(separation: dict, workdir: str) -> None:
+    """The weight separation as WORKDIR/weights.json, beside eval/latest.json, where results
+    mode reads it (compare.json holds only the methods of the last comparison). An AUROC
+    that does not exist (no harmful pixels: the control) is written as null."""
+    if jax.process_index() == 0:
+        clean = {
+            k: None if isinstance(v, float) and np.isnan(v) else v for k, v in separation.items()
+        }
+        with open(os.path.join(workdir, WEIGHTS_FILE), "w") as f:
+            json.dump(clean, f, indent=2)
 
 
 def joint_phase_signature(config: ml_collections.ConfigDict) -> dict | None:
@@ -190,6 +204,7 @@ def run_comparison(
             results[name]["weights"] = separation = weight_separation(sub, method_dir)
             if separation:
                 write_separation(separation, method_dir, results[name]["eval"]["position"])
+                save_separation(separation, method_dir)
             if name == "metapix" and jax.process_index() == 0:  # The picture to look at.
                 shutil.copyfile(f"{method_dir}/weights.png", f"{workdir}/weights.png")
     table = format_table(results)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 NORMALIZATIONS = ("all", "valid")
 LOSS_KINDS = ("ce", "focal")
+WEIGHT_NORMALIZATIONS = ("none", "batch", "class")
 
 
 def pixel_cross_entropy(
@@ -70,6 +71,48 @@ def labeled_class_weight(weights: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarr
         return weights
     safe = jnp.clip(labels, 0, weights.shape[-1] - 1)
     return jnp.take_along_axis(weights, safe[..., None], axis=-1)[..., 0]
+
+
+def normalized_weights(
+    weights: jnp.ndarray,
+    labels: jnp.ndarray,
+    *,
+    ignore_label: int,
+    num_classes: int,
+    normalization: str,
+) -> jnp.ndarray:
+    """The U-Net's weights as the source loss uses them (config.weighting.normalization).
+
+    'none' (the paper): unchanged. Then the weights set the scale of the whole source loss
+    as well as the balance between its pixels, and where the meta-gradient finds nothing to
+    single out, lowering every weight lowers the source loss's share of the training.
+    'batch': per-pixel weights divided by their mean over the batch's labeled pixels (mean
+    1, as learning-to-reweight (Ren et al. 2018) normalises its example weights): lowering
+    some pixels raises the others, the source loss keeps direct joint training's scale.
+    'class': the same per labeled class of the batch, so that the weights cannot change how
+    much each class counts either (the class-prior push: the meta-gradient also favours
+    whole classes the target loss wants more of), only which of a class's pixels count.
+    Gradients flow through the means: the meta objective sees the weights as used.
+    Returns [B, H, W] per-pixel weights, 0 on ignored pixels ('none': the input unchanged).
+    """
+    if normalization == "none":
+        return weights
+    if normalization not in WEIGHT_NORMALIZATIONS:
+        raise ValueError(
+            f"weighting.normalization must be one of {WEIGHT_NORMALIZATIONS}, got {normalization!r}"
+        )
+    w = labeled_class_weight(weights, labels)
+    valid = labels != ignore_label
+    w_valid = jnp.where(valid, w, 0.0)
+    if normalization == "batch":
+        mean = w_valid.sum() / jnp.maximum(valid.sum(), 1)
+    else:
+        index = jnp.where(valid, labels, num_classes).ravel()  # Ignored: one extra bin.
+        bins = num_classes + 1
+        sums = jax.ops.segment_sum(w_valid.ravel(), index, num_segments=bins)
+        counts = jax.ops.segment_sum(valid.ravel().astype(w.dtype), index, num_segments=bins)
+        mean = (sums / jnp.maximum(counts, 1))[index].reshape(w.shape)
+    return jnp.where(valid, w / jnp.where(valid, mean, 1.0), 0.0)
 
 
 def normalize(total: jnp.ndarray, valid: jnp.ndarray, normalization: str) -> jnp.ndarray:

@@ -245,6 +245,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "metapix_k1": ("metapix", {"model.split_block": 1}),
     "metapix_adam": ("metapix", {"meta.inner_optimizer": "adam"}),
     "hrselect_w19": ("hrselect", {"weighting.kind": "w19"}),
+    "metapix_norm": ("metapix", {"weighting.normalization": "batch"}),
+    "metapix_classnorm": ("metapix", {"weighting.normalization": "class"}),
 }
 
 
@@ -265,8 +267,13 @@ def reads_source(config: ml_collections.ConfigDict) -> bool:
     return METHODS[config.method].reads_source
 
 
-def learns_weights(config: ml_collections.ConfigDict) -> bool:
-    """Whether the configured method trains the U-Net (its weights are worth measuring)."""
-    m = METHODS[config.method]
+def method_learns_weights(name: str) -> bool:
+    """Whether the method of that name trains the U-Net (its weights are worth measuring)."""
+    m = METHODS[name]
     kinds = [m.first, *(kind for kind, _ in m.per_generation)]
     return any(PHASE_KINDS[kind].learns_weights for kind in kinds)
+
+
+def learns_weights(config: ml_collections.ConfigDict) -> bool:
+    """Whether the configured method trains the U-Net (its weights are worth measuring)."""
+    return method_learns_weights(config.method)

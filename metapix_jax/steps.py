@@ -69,7 +69,17 @@ def source_loss(
     config: ml_collections.ConfigDict,
     weights: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
-    """L_s, or sum_hw W * loss_hw / (H W) with pixel weights (Eq. 1, loss.source_normalization)."""
+    """L_s, or sum_hw W * loss_hw / (H W) with pixel weights (Eq. 1, loss.source_normalization),
+    the weights normalised as weighting.normalization says (the meta step and the weighted
+    step both come here, so the meta objective sees the weights the weighted step uses)."""
+    if weights is not None:
+        weights = losses.normalized_weights(
+            weights,
+            batch["source_label"],
+            ignore_label=config.data.ignore_label,
+            num_classes=config.data.num_classes,
+            normalization=config.weighting.normalization,
+        )
     return losses.segmentation_loss(
         logits_s,
         batch["source_label"],

@@ -122,6 +122,7 @@ FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "weighting.kind": one_of(WEIGHTING_KINDS),
     "weighting.base_channels": int_at_least(1),
     "weighting.depth": int_at_least(1),
+    "weighting.normalization": one_of(losses.WEIGHT_NORMALIZATIONS),
     "weighting.init_std": non_negative(),
     "schedule.joint_steps": int_at_least(0),
     "schedule.meta_steps": int_at_least(0),

@@ -53,6 +53,7 @@ ADDED_FIELDS = {
     "data.synthetic_noise_rate": 0.12,
     "data.synthetic_appearance": "sidewalk>road,terrain>vegetation,car>truck,bus>train",
     "data.synthetic_appearance_rate": 0.7,
+    "weighting.normalization": "none",
 }
 
 

@@ -12,8 +12,9 @@ from metapix_jax import meta
 from metapix_jax import state as state_lib
 
 
-def tiny_config(kind: str, inner: str = "sgd"):
+def tiny_config(kind: str, inner: str = "sgd", normalization: str = "none"):
     config = test_config.get_config()
+    config.weighting.normalization = normalization
     config.data.height, config.data.width = 8, 16
     config.model.width = 1 / 32
     config.model.fc_dim = 64
@@ -58,11 +59,19 @@ def moved_optimizer_state(config, params, steps: int = 3):
 
 # Adam's step g / (|g| + eps) bends sharply where gradients are tiny, so central
 # differences carry a larger O(eps^2) error there: a looser tolerance, not a weaker test.
+# The normalised weights (weighting.normalization) are part of the meta objective.
 @pytest.mark.parametrize(
-    "kind,inner,rel", [("w1", "sgd", 1e-6), ("w19", "sgd", 1e-6), ("w1", "adam", 1e-3)]
+    "kind,inner,rel,normalization",
+    [
+        ("w1", "sgd", 1e-6, "none"),
+        ("w19", "sgd", 1e-6, "none"),
+        ("w1", "adam", 1e-3, "none"),
+        ("w1", "sgd", 1e-6, "batch"),
+        ("w19", "sgd", 1e-6, "class"),
+    ],
 )
-def test_meta_gradient_matches_finite_differences(kind, inner, rel):
-    config = tiny_config(kind, inner)
+def test_meta_gradient_matches_finite_differences(kind, inner, rel, normalization):
+    config = tiny_config(kind, inner, normalization)
     with jax.enable_x64(True):
         seg = as_float64(state_lib.init_segmenter_params(config, jax.random.key(0)))
         phi = as_float64(state_lib.init_weighting_params(config, jax.random.key(1)))
