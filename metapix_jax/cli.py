@@ -236,11 +236,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         validation.validate(config, workdir)
         dispatch(config, workdir)
     except expected as e:
-        if preemption.several_processes():  # Not waiting for the others (see exit_now).
-            preemption.exit_now(f"{type(e).__name__}: {e}", 1)
         fail(f"{type(e).__name__}: {e}")
     except preemption.Interrupted as e:
-        fail(str(e), e.exit_code)  # Every process stops here together: a normal exit.
+        fail(str(e), e.exit_code)
     except Exception as e:
         message = preemption.lost_process_message(e)  # A collective failed: one line.
         if message is None:

@@ -208,10 +208,11 @@ def test_a_whole_run_on_two_processes(reference, root):
 
 def test_sigterm_to_one_process_stops_both_at_one_position(interrupted):
     sigterm, saved, _, _ = interrupted
-    message = last_line(sigterm.err(1))
-    assert "saving a checkpoint at the position all processes agree on" in sigterm.out(1)
+    # Both end (the process that got the signal saving alone, the other stepping on, hung).
     assert sigterm.code(1) == 128 + signal.SIGTERM, sigterm.tail()
     assert sigterm.code(0) == 128 + signal.SIGTERM, sigterm.tail()
+    assert "saving a checkpoint at the position all processes agree on" in sigterm.out(1)
+    message = last_line(sigterm.err(1))
     position = int(message.split("interrupted at position ")[1].split(" ")[0])
     assert 1 <= position < TOTAL, message  # The signal comes after the step to 1.
     assert message.endswith("; checkpoint saved; run the same command to resume"), message
