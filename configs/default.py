@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.coordinator_address = ""  # host:port of process 0 ('' = JAX_COORDINATOR_ADDRESS).
     config.num_processes = -1  # Processes in the run (-1 = JAX_NUM_PROCESSES or detected).
     config.process_id = -1  # This process's index (-1 = JAX_PROCESS_ID or detected).
+    # Seconds after which the processes of a multi-process run give up on one that stopped
+    # answering (killed, host lost) and end with an error (jax's default is 100).
+    config.heartbeat_timeout = 60
 
     # ---- data -------------------------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()

@@ -25,7 +25,7 @@ SAVED_CONFIG = os.path.join(ROOT, "configs", "saved.py")
 # Fields that belong to what a command does, not to the run it reads: eval and predict take
 # them from the command, everything else from the run's own config.json.
 COMMAND_FIELDS = ("mode", "eval_checkpoint", "distributed", "coordinator_address")
-COMMAND_FIELDS += ("num_processes", "process_id")
+COMMAND_FIELDS += ("num_processes", "process_id", "heartbeat_timeout")
 COMMAND_PREFIXES = ("predict.",)
 
 
@@ -242,6 +242,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         fail(f"{type(e).__name__}: {e}")
     except preemption.Interrupted as e:
         fail(str(e), e.exit_code)
+    except Exception as e:
+        message = preemption.lost_process_message(e)  # A collective failed: one line.
+        if message is None:
+            raise
+        preemption.exit_now(message, 1)
 
 
 def dispatch(config: ml_collections.ConfigDict, workdir: str) -> None:

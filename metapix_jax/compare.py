@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers
+from jax.experimental import multihost_utils
 
 from metapix_jax import (
     checkpoints,
@@ -53,6 +54,8 @@ def weight_separation(
 
     Uses the final weighting network of the run in `workdir` on the first `num_images`
     source images (no flip). A high AUROC means low weights where the labels are wrong.
+    Every process computes the weights of its rows of each batch; the AUROC needs every
+    pixel, so the rows are then gathered (the same figures on every process).
     """
     data = datasets.get_datasets(config, workdir, with_source=True)
     images = datasets.Head(data.source, num_images)
@@ -64,15 +67,22 @@ def weight_separation(
         return None
     weights, harmful, valid = [], [], []
     rows = config.data.eval_batch
+    share = rows // jax.process_count()
+    first = jax.process_index() * share  # This process's rows of each batch (eval_batches).
     for i, batch in enumerate(data.eval_batches(images)):
         inputs = {"source_image": batch["image"], "source_label": batch["label"]}
-        w = np.asarray(jax.device_get(inference.weights(state, parallel.to_global(inputs, mesh))))
-        for j in range(min(rows, len(images) - i * rows)):
+        w = figures.local_rows(inference.weights(state, parallel.to_global(inputs, mesh)), share)
+        for j in range(share):
+            index = i * rows + first + j  # Rows past the last image pad the last batch.
+            label = batch["label"][j]
+            real = index < len(images)
+            path = datasets.harmful_mask_path(images.name(index)) if real else ""
             weights.append(w[j].ravel())
-            mask = sources.read_mask(datasets.harmful_mask_path(images.name(i * rows + j)))
-            harmful.append(mask.ravel())
-            valid.append(batch["label"][j].ravel() != config.data.ignore_label)
+            harmful.append(sources.read_mask(path).ravel() if real else np.zeros(label.size, bool))
+            valid.append(real & (label.ravel() != config.data.ignore_label))
     w, h, v = np.concatenate(weights), np.concatenate(harmful), np.concatenate(valid)
+    if jax.process_count() > 1:  # Same-shaped arrays on every process: gather them all.
+        w, h, v = (np.asarray(x).ravel() for x in multihost_utils.process_allgather((w, h, v)))
     w, h = w[v], h[v]
     return {
         "auroc": auroc(-w[~h], -w[h]),  # Harmful pixels should get the lower weights.
@@ -148,11 +158,14 @@ def reuse_pretraining(
     try:
         if position not in source_manager.all_steps() or dest_manager.latest_step() is not None:
             return False
-        template = parallel.state_template(source_config, parallel.make_mesh())
+        mesh = parallel.make_mesh()
+        template = parallel.state_template(source_config, mesh)
         state = checkpoints.restore(source_manager, template, position)
-        unet_params, unet_opt_state = state_lib.fresh_weighting(config, 0)
+        # As host arrays, then replicated over the mesh like the restored rest: several
+        # processes save together (jax cannot place one device's array on all of them).
+        unet_params, unet_opt_state = jax.device_get(state_lib.fresh_weighting(config, 0))
         state = state.replace(unet_params=unet_params, unet_opt_state=unet_opt_state)
-        checkpoints.save(dest_manager, state)
+        checkpoints.save(dest_manager, parallel.put_replicated(state, mesh))
     finally:
         source_manager.close()
         dest_manager.close()
@@ -208,8 +221,8 @@ def run_comparison(
             if name == "metapix" and jax.process_index() == 0:  # The picture to look at.
                 shutil.copyfile(f"{method_dir}/weights.png", f"{workdir}/weights.png")
     table = format_table(results)
-    print(table, flush=True)
     if jax.process_index() == 0:
+        print(table, flush=True)
         with open(os.path.join(workdir, "compare.json"), "w") as f:
             json.dump(results, f, indent=2)
         with open(os.path.join(workdir, "compare.md"), "w") as f:

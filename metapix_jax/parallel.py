@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from metapix_jax import preemption
 from metapix_jax import state as state_lib
 
 DISTRIBUTED_MODES = ("auto", "on", "off")
@@ -41,6 +42,7 @@ def distributed_arguments(config: ml_collections.ConfigDict) -> dict:
         "coordinator_address": config.coordinator_address or None,  # jax reads the env var.
         "num_processes": _int_or_none(config.num_processes, "JAX_NUM_PROCESSES"),
         "process_id": _int_or_none(config.process_id, "JAX_PROCESS_ID"),
+        "heartbeat_timeout_seconds": config.heartbeat_timeout,
     }
 
 
@@ -51,6 +53,11 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
     initialises only when the config or the environment names several processes, so a
     single-process run never waits for a coordinator; 'on' always does (jax then detects
     SLURM, Open MPI, Kubernetes or Cloud TPU); 'off' never does.
+
+    `config.heartbeat_timeout` bounds how long the others wait for a process that died
+    without a word (kill -9, a lost host): the runtime then ends them. The SIGTERM handler
+    that the runtime's preemption notifier installs is kept for the training loop's
+    signal handling (preemption.py).
     """
     if config.distributed not in DISTRIBUTED_MODES:
         raise ValueError(
@@ -62,7 +69,8 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
         config.coordinator_address or config.num_processes > 1 or launched_as_several_processes()
     ):
         return False
-    jax.distributed.initialize(**distributed_arguments(config))
+    with preemption.NativeNotifier.capture():
+        jax.distributed.initialize(**distributed_arguments(config))
     return True
 
 

@@ -12,6 +12,11 @@ Outputs mirror the inputs' folders below their common folder.
 `predict.weights_for='source'` also writes the weight maps of the first source images
 (paper Fig. 3): grey PNGs, white = weight 1. W19 shows the weight of each pixel's
 labeled class; unlabeled pixels are black.
+
+Several processes share the work as in evaluation: the images go in global batches of
+`data.eval_batch`, each process reads and writes its share of each batch (rows
+[p * share, (p + 1) * share)), and every process makes the same calls with the same shapes
+(the last batch, and a process's share of it, padded).
 """
 
 import functools
@@ -23,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
-from metapix_jax import evaluate, parallel, steps
+from metapix_jax import evaluate, figures, parallel, steps
 from metapix_jax.data import datasets, labels, sources, transforms
 from metapix_jax.models.resize import resize_bilinear_align_corners
 from metapix_jax.state import TrainState
@@ -67,17 +73,25 @@ def network_input(image: np.ndarray, config: ml_collections.ConfigDict) -> np.nd
     return x
 
 
-def chunks(items: list, size: int) -> Iterator[tuple[int, list]]:
-    """(start, items[start:start + size]) over the list."""
-    for start in range(0, len(items), size):
-        yield start, items[start : start + size]
+def process_batches(count: int, batch_size: int) -> Iterator[list[int]]:
+    """For each global batch of `batch_size` of `count` items, the indices this process
+    holds (its rows of the batch; fewer, or none, in the padded last batch). Every process
+    gets as many batches, so every process makes the same collective calls."""
+    share = batch_size // jax.process_count()
+    first = jax.process_index() * share
+    for start in range(0, count, batch_size):
+        yield [i for i in range(start + first, start + first + share) if i < count]
 
 
-def stack_padded(arrays: list[np.ndarray], batch_size: int, fill: int = 0) -> np.ndarray:
-    """Stacks and pads to `batch_size` rows: every batch has one shape (one compilation)."""
-    batch = np.stack(arrays)
-    missing = [(0, batch_size - len(arrays))] + [(0, 0)] * (batch.ndim - 1)
-    return np.pad(batch, missing, constant_values=fill)
+def stack_padded(
+    arrays: list[np.ndarray], rows: int, shape: tuple[int, ...], dtype, fill: int = 0
+) -> np.ndarray:
+    """`arrays` (each of `shape`) in `rows` rows, padded with `fill`: every batch has one
+    shape (one compilation), also a process's share with no item left in it."""
+    batch = np.full((rows, *shape), fill, dtype)
+    if arrays:
+        batch[: len(arrays)] = np.stack(arrays)
+    return batch
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -108,16 +122,19 @@ def write_prediction(stem: str, image: np.ndarray, ids: np.ndarray, p) -> None:
 def segment_images(
     config, state: TrainState, inference: steps.Inference, mesh, paths, output: str
 ) -> None:
-    """Writes the PNGs of every image in `paths` under `output`."""
-    batch_size = config.data.eval_batch
+    """Writes the PNGs of this process's share of the images in `paths` under `output`."""
+    d = config.data
+    share = d.eval_batch // jax.process_count()
     stems = output_stems(paths, output)
-    for start, chunk in chunks(paths, batch_size):
-        images = [sources.read_image(p) for p in chunk]
-        x = stack_padded([network_input(im, config) for im in images], batch_size)
+    for indices in process_batches(len(paths), d.eval_batch):
+        images = [sources.read_image(paths[i]) for i in indices]
+        inputs = [network_input(im, config) for im in images]
+        x = stack_padded(inputs, share, (d.height, d.width, 3), np.float32)
         logits = inference.predict(state, parallel.to_global({"x": x}, mesh)["x"])
-        for i, image in enumerate(images):
-            ids = np.asarray(labels_at_size(logits[i], *image.shape[:2])).astype(np.uint8)
-            write_prediction(stems[start + i], image, ids, config.predict)
+        mine = figures.local_rows(logits, len(indices))
+        for i, image, row in zip(indices, images, mine, strict=True):
+            ids = np.asarray(labels_at_size(row, *image.shape[:2])).astype(np.uint8)
+            write_prediction(stems[i], image, ids, config.predict)
 
 
 def grey_at_size(weights: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -136,24 +153,24 @@ def export_weights(
     Unlabeled pixels are drawn black: their weight multiplies a zero loss.
     """
     d = config.data
+    share, size = d.eval_batch // jax.process_count(), (d.height, d.width)
     stems = output_stems([images.name(i) for i in range(len(images))], output)
-    for start, chunk in chunks(list(range(len(images))), d.eval_batch):
-        examples = [images.read(i) for i in chunk]
-        inputs = [
-            transforms.preprocess(im, lab, (d.height, d.width), False, d.normalization)
-            for im, lab in examples
-        ]
+    for indices in process_batches(len(images), d.eval_batch):
+        examples = [images.read(i) for i in indices]
+        inputs = [transforms.preprocess(x, y, size, False, d.normalization) for x, y in examples]
         batch = {
-            "source_image": stack_padded([x for x, _ in inputs], d.eval_batch),
-            "source_label": stack_padded([y for _, y in inputs], d.eval_batch, d.ignore_label),
+            "source_image": stack_padded([x for x, _ in inputs], share, (*size, 3), np.float32),
+            "source_label": stack_padded(
+                [y for _, y in inputs], share, size, np.int32, d.ignore_label
+            ),
         }
-        weights = np.asarray(
-            jax.device_get(inference.weights(state, parallel.to_global(batch, mesh)))
+        weights = figures.local_rows(
+            inference.weights(state, parallel.to_global(batch, mesh)), len(indices)
         )
-        for i, (image, _) in enumerate(examples):
-            label = inputs[i][1]
-            w = np.where(label == d.ignore_label, 0.0, weights[i])
-            write_png(f"{stems[start + i]}_weights.png", grey_at_size(w, *image.shape[:2]))
+        for row, (i, (image, _)) in enumerate(zip(indices, examples, strict=True)):
+            label = inputs[row][1]
+            w = np.where(label == d.ignore_label, 0.0, weights[row])
+            write_png(f"{stems[i]}_weights.png", grey_at_size(w, *image.shape[:2]))
 
 
 def run_prediction(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -166,10 +183,25 @@ def run_prediction(config: ml_collections.ConfigDict, workdir: str) -> None:
     state = evaluate.restore_for_reading(config, workdir, mesh)
     if paths:
         segment_images(config, state, inference, mesh, paths, output)
-        print(f"predict: {len(paths)} images segmented into {output}", flush=True)
+        all_written("predict: images segmented")
+        say(f"predict: {len(paths)} images segmented into {output}")
     if p.weights_for == "source":
         data = datasets.get_datasets(config, workdir, with_source=True)
         images = datasets.Head(data.source, p.num_weight_images)
         weights_dir = os.path.join(output, "source_weights")
         export_weights(config, state, inference, mesh, images, weights_dir)
-        print(f"predict: weight maps of {len(images)} source images in {weights_dir}", flush=True)
+        all_written("predict: weight maps written")
+        say(f"predict: weight maps of {len(images)} source images in {weights_dir}")
+
+
+def all_written(name: str) -> None:
+    """Several processes: waits until every process has written its PNGs, so that the
+    line saying they are written comes after the last one."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def say(line: str) -> None:
+    """A line on stdout from process 0 of a multi-process run only."""
+    if jax.process_index() == 0:
+        print(line, flush=True)

@@ -33,7 +33,7 @@ from metapix_jax import (
 from metapix_jax import state as state_lib
 from metapix_jax import workdir as workdir_lib
 from metapix_jax.data import datasets
-from metapix_jax.preemption import Interrupted, InterruptFlag
+from metapix_jax.preemption import InterruptFlag
 from metapix_jax.state import TrainState
 
 
@@ -131,16 +131,16 @@ def start_run(config: ml_collections.ConfigDict, workdir: str, interrupt: Interr
     return run, state
 
 
-def stop_if_interrupted(run: Run, state: TrainState, phase: schedule.Phase) -> None:
-    """At a step boundary after a signal: save, then end the run with Interrupted."""
-    if run.interrupt.signum is None:
+def stop_if_interrupted(run: Run, state: TrainState, phase: schedule.Phase, position: int) -> None:
+    """At the step boundary `position` (counted on the host: asking the state would wait for
+    the device), once a signal says stop here (preemption.py): save, then raise Interrupted.
+    Several processes stop at the same position, which may come a few steps after the signal.
+    """
+    if not run.interrupt.reached(position):
         return
     run.save(state, phase)
-    position = int(state.position)
-    raise Interrupted(
-        f"interrupted at position {position} of {run.progress.total} (phase {phase.name}); "
-        "checkpoint saved; run the same command to resume",
-        run.interrupt.signum,
+    raise run.interrupt.interruption(
+        f"position {position} of {run.progress.total} (phase {phase.name})"
     )
 
 
@@ -181,7 +181,7 @@ def after_step(run: Run, state: TrainState, phase: schedule.Phase, position: int
     if config.checkpoint_every and position % config.checkpoint_every == 0:
         run.save(state, phase)
         run.progress.restart(position)
-    stop_if_interrupted(run, state, phase)
+    stop_if_interrupted(run, state, phase, position)
 
 
 def first_step(run: Run, state: TrainState, phase: schedule.Phase, position: int) -> None:
@@ -217,7 +217,8 @@ def run_phase(state: TrainState, phase: schedule.Phase, run: Run) -> TrainState:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) the configured method's schedule; returns the final evaluation.
 
-    SIGTERM/SIGINT end it with Interrupted after a checkpoint at the next step boundary;
+    SIGTERM/SIGINT end it with Interrupted after a checkpoint at the next step boundary
+    (several processes: at the position they agree on, preemption.py);
     a non-finite step ends it with NonFiniteError (config.nonfinite='stop').
     """
     parallel.initialize_distributed(config)  # Before anything touches a device.
@@ -228,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             for phase in run.plan:  # Algorithm 1: the phases in order.
                 if int(state.position) >= phase.end:
                     continue
-                stop_if_interrupted(run, state, phase)
+                stop_if_interrupted(run, state, phase, int(state.position))
                 if int(state.position) == phase.start:
                     state = parallel.put_replicated(begin_phase(state, phase, config), run.mesh)
                 state = run_phase(state, phase, run)

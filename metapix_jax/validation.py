@@ -86,6 +86,7 @@ FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "distributed": one_of(parallel.DISTRIBUTED_MODES),
     "num_processes": int_at_least(-1),
     "process_id": int_at_least(-1),
+    "heartbeat_timeout": int_at_least(1),
     "data.height": int_at_least(1),
     "data.width": int_at_least(1),
     "data.num_classes": _rule(

@@ -39,6 +39,7 @@ EXEMPT_FIELDS = (
     "coordinator_address",
     "num_processes",
     "process_id",
+    "heartbeat_timeout",
     "data.eval_batch",
     "data.target_eval_split",
 )

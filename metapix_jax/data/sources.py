@@ -216,7 +216,7 @@ def read_example(
 
     An image and label of different sizes are returned as they are, with a warning (once per
     file): real GTA5 has a few such pairs, and the authors' loader resizes each to the training
-    size separately, which `pipeline.preprocess` does. A label with no valid id at all (every
+    size separately, which `transforms.preprocess` does. A label with no valid id at all (every
     pixel ignored) is also a warning: it is what a 16-bit label with scaled values (say id *
     257) rather than raw ids decodes to.
     """
