@@ -622,7 +622,7 @@ def _appearance_problems(field: str, value: Any) -> list[str]:
         if src not in names or look not in names:
             return [f"{field}: {src!r}>{look!r} must name classes of {names}"]
         if src == "*" and look != "*":
-            return [f"{field}: {src!r}>{look!r}: '*' as a class needs '*' as its look"]
+            return [f"{field}: {src!r}>{look!r}: '*' as a class must take '*' as its look"]
     return []
 
 
