@@ -6,17 +6,29 @@ the input streams are functions of the position) which batch comes next.
 
 A save is atomic: Orbax writes `<position>.orbax-checkpoint-tmp...` and renames it when
 complete, so a crash mid-save leaves the earlier checkpoints as they were; the training
-manager removes such leftovers when it starts. A finished checkpoint that still cannot be
-read (e.g. a damaged disk) is moved to `unreadable_checkpoints/` and the one before it
-is used.
+manager removes such leftovers when it starts.
+
+Integrity: every save records a CRC-32 of every array (of the host copy of the state) in
+the checkpoint's own metadata (Orbax's `custom_metadata`, written inside the temporary
+folder, so it is part of the atomic save), and every restore recomputes them. Orbax and
+TensorStore check only the index of their files, not the data (a flipped bit in a data
+file reads back as a different number without an error). A mismatch makes the checkpoint
+unreadable, like one whose files are damaged: training moves it to
+`unreadable_checkpoints/` and uses the one before it; the readers (eval, predict,
+compare) skip it without moving it, since a training run may be writing beside them.
+Checkpoints written before the checksums existed are restored unverified.
 """
 
+import json
+import logging as pylogging
 import os
 import re
 import shutil
+import zlib
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -25,6 +37,8 @@ from orbax.checkpoint import checkpoint_managers
 from metapix_jax.state import TrainState
 
 FINISHED = re.compile(r"^\d+$")  # A finished checkpoint folder; temporary ones have suffixes.
+CHECKSUMS = "metapix_crc32"  # The key of the checksums in the checkpoint's custom metadata.
+STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's per-checkpoint metadata file (JSON).
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -64,17 +78,87 @@ def make_manager(
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
+def _crc32(array) -> str:
+    """CRC-32 of an array's bytes, as 8 hex digits (any dtype: its bytes are read as uint8)."""
+    return f"{zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8)):08x}"
+
+
+def checksums(state) -> dict[str, str]:
+    """CRC-32 of every array of a state, by its path in the tree (of the host copies).
+
+    CRC-32 finds every single-bit flip and most other damage, at memory speed: a check
+    against accidents, not against someone who edits the files on purpose.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+    return {jax.tree_util.keystr(path): _crc32(leaf) for path, leaf in flat}
+
+
+class _OrbaxThreadErrors(pylogging.Filter):
+    """Drops Orbax's logs of an error in one of its writer threads (each with a traceback)
+    and asyncio's "Task exception was never retrieved" for its writer tasks: the same
+    error reaches `save`'s caller as an exception, which main.py reports in one line
+    (e.g. a full disk)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        orbax_thread = "orbax" in record.pathname and "raised an exception" in record.getMessage()
+        unretrieved = record.name == "asyncio" and "never retrieved" in record.getMessage()
+        return not (orbax_thread or unretrieved)
+
+
+_QUIET = _OrbaxThreadErrors()
+
+
 def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
-    """Saves the state under its own position (atomically: a crash keeps the old ones)."""
+    """Saves the state under its own position (atomically: a crash keeps the old ones),
+    with the checksums of its arrays."""
     position = int(state.position)
     if manager.latest_step() == position:
         return
-    manager.save(position, args=ocp.args.StandardSave(state), force=True)
+    # Process 0 writes the checkpoint's metadata; the others' would be ignored.
+    metadata = {CHECKSUMS: checksums(state)} if jax.process_index() == 0 else None
+    loggers = [pylogging.getLogger(name) for name in ("absl", "asyncio")]
+    for logger in loggers:
+        logger.addFilter(_QUIET)
+    manager.save(position, args=ocp.args.StandardSave(state), force=True, custom_metadata=metadata)
     manager.wait_until_finished()
+    # Only after a save that worked: after a failed one its writer tasks are collected
+    # later (at exit), and their duplicate reports stay quiet.
+    for logger in loggers:
+        logger.removeFilter(_QUIET)
 
 
 class NoCheckpointError(FileNotFoundError):
     """A mode that reads a trained run found no checkpoint in its workdir."""
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint (or every checkpoint) of a workdir cannot be read back."""
+
+
+class ChecksumMismatchError(ValueError):
+    """A restored array differs from what was written: the data changed on disk."""
+
+
+def saved_checksums(directory: str, position: int) -> dict[str, str] | None:
+    """The checksums recorded with a checkpoint, or None (written before they existed)."""
+    with open(os.path.join(directory, str(position), STEP_METADATA)) as f:
+        metadata = json.load(f)
+    return (metadata.get("custom_metadata") or {}).get(CHECKSUMS)
+
+
+def verify(state, directory: str, position: int) -> None:
+    """Raises ChecksumMismatchError naming the first array whose checksum differs."""
+    expected = saved_checksums(directory, position)
+    if expected is None:
+        return
+    found = checksums(state)
+    wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ChecksumMismatchError(
+            f"{wrong[0]}{more} does not match the checksum written with it: the data "
+            "changed on disk after the save"
+        )
 
 
 def no_checkpoint_message(workdir: str) -> str:
@@ -120,21 +204,38 @@ def check_model(manager: ocp.CheckpointManager, template: TrainState, position: 
         )
 
 
+def missing_position_message(directory: str, position: int, positions: Sequence[int]) -> str:
+    there = ", ".join(map(str, positions)) or "none"
+    return (
+        f"config.eval_checkpoint={position}: no checkpoint at that position in {directory}; "
+        f"the positions there: {there} (-1 = the latest)"
+    )
+
+
 def restore(
     manager: ocp.CheckpointManager, template: TrainState, position: int | None = None
 ) -> TrainState | None:
-    """The state at `position` (default: the latest), laid out like `template`; or None."""
+    """The state at `position` (default: the latest), laid out like `template`; or None.
+
+    The arrays' checksums are verified (ChecksumMismatchError if one differs).
+    """
     if position is None:
         position = manager.latest_step()
         if position is None:
             return None
     elif position not in manager.all_steps():
-        raise ValueError(
-            f"eval_checkpoint={position}: no checkpoint at that position in "
-            f"{manager.directory}; there are {sorted(manager.all_steps())}"
-        )
+        positions = sorted(manager.all_steps())
+        raise NoCheckpointError(missing_position_message(manager.directory, position, positions))
     check_model(manager, template, position)
-    return manager.restore(position, args=ocp.args.StandardRestore(template))
+    state = manager.restore(position, args=ocp.args.StandardRestore(template))
+    verify(state, str(manager.directory), position)
+    return state
+
+
+def one_line(error: BaseException) -> str:
+    """'Type: first line of the message', for a warning or an error about a checkpoint."""
+    text = next((line for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {text.strip()}"
 
 
 def set_aside(manager: ocp.CheckpointManager, position: int) -> str:
@@ -150,12 +251,19 @@ def set_aside(manager: ocp.CheckpointManager, position: int) -> str:
 
 
 def restore_latest_readable(
-    manager: ocp.CheckpointManager, template: TrainState
+    manager: ocp.CheckpointManager, template: TrainState, move_unreadable: bool = True
 ) -> TrainState | None:
-    """The newest checkpoint that restores; unreadable newer ones are set aside.
+    """The newest checkpoint that restores (checksums verified), or None if there is none.
 
-    Nothing is moved unless an older checkpoint does restore: when none does (e.g. the
-    model changed shape under allow_config_change), the newest one's error is raised.
+    Every mode that reads a checkpoint comes here: resuming training (`move_unreadable`:
+    unreadable newer ones are moved to `unreadable_checkpoints/`, out of the manager's
+    way) and the readers, eval, predict and compare (which skip them and leave them in
+    place: a training run may be writing beside them, and a reader must not change its
+    workdir). Each skipped checkpoint gets the same warning, naming it and why.
+
+    Nothing is moved unless an older checkpoint does restore. When none does, the error
+    is raised: ModelMismatchError as it is (the config describes another model), any
+    other as UnreadableCheckpointError naming the newest checkpoint and its error.
     """
     positions = sorted(manager.all_steps(), reverse=True)
     failures: list[tuple[int, Exception]] = []
@@ -166,13 +274,20 @@ def restore_latest_readable(
             failures.append((position, e))
             continue
         for bad, error in failures:
-            dest = set_aside(manager, bad)
-            message = (
-                f"checkpoint {bad} is unreadable ({type(error).__name__}: {error}); moved to {dest}"
-            )
+            what = f"checkpoint {bad} in {manager.directory} is unreadable ({one_line(error)})"
+            if move_unreadable:
+                message = f"{what}; moved to {set_aside(manager, bad)}"
+            else:
+                message = f"{what}; skipped and left in place (a training run may be writing there)"
             logging.warning(message)
-            print(f"warning: {message.splitlines()[0]}", flush=True)
+            print(f"warning: {message}", flush=True)
         return state
     if failures:
-        raise failures[0][1]
+        newest, error = failures[0]
+        if isinstance(error, ModelMismatchError):
+            raise error
+        raise UnreadableCheckpointError(
+            f"no checkpoint in {manager.directory} can be read (the newest, {newest}: "
+            f"{one_line(error)}); restore the folder from a copy, or move it away to start over"
+        ) from error
     return None

@@ -8,6 +8,7 @@ that `--help`, `--list_fields` and flag errors answer in a second.
 
 import ast
 import difflib
+import errno
 import io
 import json
 import os
@@ -220,33 +221,80 @@ def config_for_mode(
 # ---- running a mode --------------------------------------------------------------------------
 
 
+# Modes that hold the workdir lock (workdir_lock.py says why the others do not).
+LOCKING_MODES = ("train", "compare")
+
+
+def output_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Where a mode writes: predict.output for predict mode if set, else the workdir."""
+    if config.mode == "predict" and config.predict.output:
+        return config.predict.output
+    return workdir
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Validates, then runs config.mode; every expected failure is one line on stderr."""
+    """Validates, then runs config.mode; every expected failure is one line on stderr.
+
+    The signal handlers come first, before the heavy imports: a SIGINT or SIGTERM at any
+    moment of start-up ends with one line and 128 + signal (preemption.py), and the
+    training loop reads the same flag.
+    """
     print(
         f"[{config.mode}] {os.path.abspath(workdir)}: starting JAX, checking the config", flush=True
     )
-    from metapix_jax import checkpoints, errors, nonfinite, preemption, validation
+    from metapix_jax import preemption
+
+    with preemption.handling_signals():
+        _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    from metapix_jax import (
+        checkpoints,
+        errors,
+        filesystem,
+        nonfinite,
+        preemption,
+        validation,
+        workdir_lock,
+    )
     from metapix_jax.data import sources
+    from metapix_jax.models import pretrained
 
     expected = (
         errors.ConfigError,
         checkpoints.ModelMismatchError,
         checkpoints.NoCheckpointError,
+        checkpoints.UnreadableCheckpointError,
         sources.DataError,
         nonfinite.NonFiniteError,
+        pretrained.WeightFileError,
+        workdir_lock.WorkdirInUseError,
     )
     try:
         validation.validate(config, workdir)
-        dispatch(config, workdir)
+        filesystem.check_writable(output_dir(config, workdir))  # Before anything compiles.
+        if config.mode in LOCKING_MODES:
+            import jax  # Started by validate, which joined a multi-process run first.
+
+            with workdir_lock.hold(workdir, holder=jax.process_index() == 0):
+                dispatch(config, workdir)
+        else:
+            dispatch(config, workdir)
     except expected as e:
         fail(f"{type(e).__name__}: {e}")
     except preemption.Interrupted as e:
         fail(str(e), e.exit_code)
+    except OSError as e:  # The workdir and its files: read-only, not a directory, full, ...
+        fail(f"OSError: {filesystem.describe(e, workdir)}")
     except Exception as e:
         message = preemption.lost_process_message(e)  # A collective failed: one line.
-        if message is None:
-            raise
-        preemption.exit_now(message, 1)
+        if message is not None:
+            preemption.exit_now(message, 1)
+        # TensorStore (Orbax's writer) reports a full or read-only disk as a ValueError.
+        if filesystem.os_errno(e) in (*filesystem.NO_SPACE, errno.EROFS):
+            fail(f"OSError: {filesystem.describe(e, workdir)}")
+        raise
 
 
 def dispatch(config: ml_collections.ConfigDict, workdir: str) -> None:

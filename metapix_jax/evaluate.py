@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from metapix_jax import checkpoints, console, parallel, steps
+from metapix_jax import checkpoints, console, faults, filesystem, parallel, steps
 from metapix_jax.data import datasets as datasets_lib
 from metapix_jax.data import labels
 from metapix_jax.state import TrainState
@@ -113,20 +113,29 @@ def evaluation_result(
     return result
 
 
+def result_path(workdir: str, position: int) -> str:
+    """WORKDIR/eval/eval_<position>.json: written last, so it marks a finished evaluation."""
+    return os.path.join(workdir, "eval", f"eval_{position:08d}.json")
+
+
 def write_result(result: dict, workdir: str, writer) -> None:
-    """eval/eval_<position>.json, eval/latest.json (process 0) and TensorBoard scalars."""
+    """eval/latest.json, eval/eval_<position>.json (process 0) and TensorBoard scalars.
+
+    Each file is written atomically and eval_<position>.json last, so its presence means
+    the evaluation of that position finished (train.py redoes a phase-end evaluation that
+    a kill interrupted).
+    """
     scalars = {f"eval/{k}": result[k] for k in ("miou", "miou_16", "miou_13") if k in result}
     ious = result["per_class_iou"].items()
     scalars.update({f"eval/iou/{k}": v for k, v in ious if v is not None})
     writer.write_scalars(result["position"], scalars)
     writer.flush()
     if jax.process_index() == 0:
-        out = os.path.join(workdir, "eval")
-        os.makedirs(out, exist_ok=True)
+        path = result_path(workdir, result["position"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         text = json.dumps(result, indent=2)
-        for name in (f"eval_{result['position']:08d}.json", "latest.json"):
-            with open(os.path.join(out, name), "w") as f:
-                f.write(text)
+        filesystem.write_atomically(os.path.join(os.path.dirname(path), "latest.json"), text)
+        filesystem.write_atomically(path, text)
 
 
 def run_evaluation(
@@ -141,6 +150,7 @@ def run_evaluation(
     config = data.config
     confusion = confusion_over(state, confusion_fn, data.eval_batches(), mesh)
     result = evaluation_result(confusion, state, config)
+    faults.during_evaluation(result["position"])
     write_result(result, workdir, writer)
     miou = 100 * result["miou"]
     console.say(config.method, f"eval at position {result['position']}: mIoU {miou:.2f}")
@@ -151,19 +161,42 @@ def run_evaluation(
 
 
 def restore_for_reading(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> TrainState:
-    """The checkpoint at config.eval_checkpoint (-1: the latest), replicated over `mesh`.
+    """The checkpoint at config.eval_checkpoint, or (-1) the latest readable one (an
+    unreadable newer one is skipped with a warning and left in place), replicated over
+    `mesh`.
 
     For the modes that read a trained run (eval, predict, compare's weight separation).
+    A position asked for by number is that checkpoint or an error, never another one.
     """
     manager = checkpoints.make_manager(workdir)
     try:
         if manager.latest_step() is None:
             raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(workdir))
-        position = None if config.eval_checkpoint < 0 else config.eval_checkpoint
-        state = checkpoints.restore(manager, parallel.state_template(config, mesh), position)
+        template = parallel.state_template(config, mesh)
+        faults.at_startup("restore")
+        if config.eval_checkpoint < 0:
+            state = checkpoints.restore_latest_readable(manager, template, move_unreadable=False)
+        else:
+            state = restore_position(manager, template, config.eval_checkpoint)
     finally:
         manager.close()
     return parallel.put_replicated(state, mesh)
+
+
+def restore_position(manager, template: TrainState, position: int) -> TrainState:
+    """The checkpoint at `position`; one that cannot be read is an UnreadableCheckpointError
+    (NoCheckpointError and ModelMismatchError, which say more, pass as they are)."""
+    try:
+        return checkpoints.restore(manager, template, position)
+    except (checkpoints.NoCheckpointError, checkpoints.ModelMismatchError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way.
+        positions = ", ".join(map(str, sorted(manager.all_steps())))
+        raise checkpoints.UnreadableCheckpointError(
+            f"checkpoint {position} in {manager.directory} is unreadable "
+            f"({checkpoints.one_line(e)}); choose another --config.eval_checkpoint "
+            f"(the positions there: {positions}; -1 = the latest readable)"
+        ) from e
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:

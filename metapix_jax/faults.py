@@ -1,10 +1,14 @@
-"""Test-only fault injection, read once from METAPIX_TEST_KILL_AT when a run starts.
+"""Test-only fault injection, read from METAPIX_TEST_KILL_AT at fixed points of a run.
 
 'position:P' kills the process (SIGKILL) right after the step to position P, before it is
 saved; 'sigterm:P' and 'sigint:P' send that signal there; 'save:P' kills it in the
-middle of saving position P (after the data is written, before Orbax's atomic rename).
-The tests use it to interrupt runs at exact points. When the variable is unset, nothing
-here touches the training loop: the steps are not wrapped and Orbax is not patched.
+middle of saving position P (after the data is written, before Orbax's atomic rename);
+'eval:P' kills it in the middle of the evaluation at position P (after the confusion
+matrix, before the JSON is written). 'sigterm:STAGE' and 'sigint:STAGE' send the signal
+at a named start-up stage (STARTUP_STAGES: 'restore' just before a checkpoint is read,
+'initialise' before fresh networks are drawn). The tests use it to interrupt runs at
+exact points. When the variable is unset, nothing here touches the training loop: the
+steps are not wrapped and Orbax is not patched; the other points cost one getenv.
 """
 
 import os
@@ -13,6 +17,26 @@ from collections.abc import Callable
 
 KILL_ENV = "METAPIX_TEST_KILL_AT"
 SIGNALS = {"position": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}
+STARTUP_STAGES = ("restore", "initialise")
+
+
+def _fault() -> tuple[str, str]:
+    action, _, at = os.environ.get(KILL_ENV, "").partition(":")
+    return action, at
+
+
+def at_startup(stage: str) -> None:
+    """Sends the configured signal if the fault names this start-up stage."""
+    action, at = _fault()
+    if at == stage and action in ("sigterm", "sigint"):
+        os.kill(os.getpid(), SIGNALS[action])
+
+
+def during_evaluation(position: int) -> None:
+    """Kills the process (SIGKILL) if the fault is 'eval:<position>'."""
+    action, at = _fault()
+    if action == "eval" and at == str(position):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _die_in_the_next_save() -> None:
@@ -27,7 +51,7 @@ def _die_in_the_next_save() -> None:
 
 def after_step_hook() -> Callable[[int], None] | None:
     """What to do after the step to each position, or None when no fault is asked for."""
-    action, _, at = os.environ.get(KILL_ENV, "").partition(":")
+    action, at = _fault()
     if action not in (*SIGNALS, "save") or not at.isdigit():
         return None
 

@@ -36,6 +36,16 @@ collective that waits on a dead peer), the distributed runtime ends them once th
 process has missed its heartbeats for `config.heartbeat_timeout` seconds, with its own
 fatal line and an abort: jax 0.10.2's `initialize` takes no callback for it, and the
 client's callback cannot be handed the status in this jaxlib (it aborts on a bad cast).
+
+Outside the training steps (start-up, evaluation) a first signal ends the process at once
+(`at_once`): nothing half-done there is worth keeping (restoring, initialising, compiling,
+writing the benchmark, evaluating), so the registered cleanups run (the workdir lock's
+note), one line goes to stderr and the status is 128 + signal number, through `os._exit`
+so that no library code is left half-way through a lock and no `KeyboardInterrupt`
+traceback is printed. Every file the run writes is written atomically, so such an exit
+loses nothing saved. main.py (cli.run) installs the one flag of a run right after parsing
+the flags; `jax.distributed.initialize` then installs its native handler over it, and
+`NativeNotifier.capture` puts Python's back.
 """
 
 import contextlib
@@ -44,10 +54,15 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import numpy as np
+
+AT_ONCE_MESSAGE = (
+    "interrupted by {name} outside the training steps (start-up or evaluation); stopped at "
+    "once, the checkpoints on disk are intact; run the same command to resume"
+)
 
 
 class Interrupted(Exception):
@@ -90,6 +105,9 @@ class NativeNotifier:
         after = os_handler(signal.SIGTERM)
         if after not in (before, int(signal.SIG_DFL), int(signal.SIG_IGN)):
             cls.address = after
+        if _active is not None and _active.previous:  # Python's handler, back on top.
+            for s in _active.SIGNALS:
+                signal.signal(s, _active.handle)
 
     @classmethod
     def notify(cls) -> bool:
@@ -100,8 +118,12 @@ class NativeNotifier:
         return True
 
 
+_active: "InterruptFlag | None" = None  # The installed flag, which the training loop reads.
+
+
 class InterruptFlag:
-    """SIGTERM/SIGINT set a flag that the loop reads at step boundaries (`reached`).
+    """SIGTERM/SIGINT set a flag that the loop reads at step boundaries (`reached`), or
+    (`at_once`, outside `at_step_boundaries()`) end the process at once with one line.
 
     A second signal of either kind ends the process at once (the default action), so a
     second Ctrl-C still aborts a run that is slow to reach its next step boundary; the
@@ -110,9 +132,11 @@ class InterruptFlag:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, at_once: bool = False):
         self.signum: int | None = None
+        self.at_once = at_once
         self.previous: dict[int, object] = {}
+        self.cleanups: list[Callable[[], None]] = []  # Run before an exit at once.
         self.coordinated: bool | None = None  # Several processes; known at the first report.
         self.notified = False
 
@@ -122,6 +146,8 @@ class InterruptFlag:
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
+        if self.at_once:
+            self.stop_now()
         several = several_processes() if self.coordinated is None else self.coordinated
         where = "the position all processes agree on" if several else "the next step boundary"
         print(
@@ -183,14 +209,45 @@ class InterruptFlag:
         name = signal.Signals(signum).name
         return Interrupted(f"interrupted at {where} ({sender} got {name}); {message}", signum)
 
+    def stop_now(self) -> None:
+        """Runs the cleanups, prints the line and ends the process with 128 + signal."""
+        for cleanup in reversed(self.cleanups):
+            with contextlib.suppress(Exception):
+                cleanup()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # A handler may interrupt a write to them.
+                stream.flush()
+        line = AT_ONCE_MESSAGE.format(name=signal.Signals(self.signum).name)
+        os.write(2, (line + "\n").encode())  # Not print: the stream may be mid-write.
+        os._exit(128 + self.signum)
+
+    @contextlib.contextmanager
+    def at_step_boundaries(self) -> Iterator["InterruptFlag"]:
+        """Inside: a first signal only sets the flag (the training loop saves and stops at
+        its next step boundary). Leaving normally with the flag set (a signal during the
+        last evaluation) stops at once if the flag did so outside."""
+        at_once, self.at_once = self.at_once, False
+        try:
+            yield self
+        finally:
+            self.at_once = at_once
+        if self.signum is not None and at_once:
+            self.stop_now()
+
     def __enter__(self) -> "InterruptFlag":
+        global _active
         if threading.current_thread() is threading.main_thread():  # Only there can Python.
             self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        if _active is None:
+            _active = self
         return self
 
     def __exit__(self, *exc) -> None:
+        global _active
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if _active is self:
+            _active = None
 
 
 # ---- a process that died -------------------------------------------------------------------
@@ -237,3 +294,24 @@ def exit_now(message: str, exit_code: int) -> NoReturn:
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(exit_code)
+
+
+@contextlib.contextmanager
+def handling_signals() -> Iterator[InterruptFlag]:
+    """The flag main.py installed (so start-up and the loop share one), or, for a library
+    caller, a new one that answers the same way (at once outside the training steps)."""
+    if _active is not None:
+        yield _active
+        return
+    with InterruptFlag(at_once=True) as flag:
+        yield flag
+
+
+def on_stop(cleanup: Callable[[], None]) -> Callable[[], None]:
+    """Registers `cleanup` to run if the installed flag stops the process at once; returns
+    a function that unregisters it."""
+    flag = _active
+    if flag is None:
+        return lambda: None
+    flag.cleanups.append(cleanup)
+    return lambda: cleanup in flag.cleanups and flag.cleanups.remove(cleanup)

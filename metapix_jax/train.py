@@ -8,6 +8,7 @@ optimiser) is re-applied when a run resumes exactly there.
 """
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -25,6 +26,7 @@ from metapix_jax import (
     methods,
     nonfinite,
     parallel,
+    preemption,
     progress,
     schedule,
     steps,
@@ -88,9 +90,11 @@ def restore_or_initialise(config, manager, mesh: Mesh, total: int) -> TrainState
     """The latest readable checkpoint's state, or a fresh one, replicated over the mesh."""
     if manager.latest_step() is not None:
         console.say(config.method, f"restoring the latest checkpoint in {manager.directory}")
+        faults.at_startup("restore")
     restored = checkpoints.restore_latest_readable(manager, parallel.state_template(config, mesh))
     if restored is None:
         console.say(config.method, "initialising the networks")
+        faults.at_startup("initialise")
         return parallel.put_replicated(state_lib.init_state(config), mesh)
     console.say(config.method, f"continuing from position {int(restored.position)} of {total}")
     return parallel.put_replicated(restored, mesh)
@@ -222,20 +226,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     a non-finite step ends it with NonFiniteError (config.nonfinite='stop').
     """
     parallel.initialize_distributed(config)  # Before anything touches a device.
-    with InterruptFlag() as interrupt:
+    # main.py's flag (installed before anything slow), or one of our own for a library caller.
+    with preemption.handling_signals() as interrupt:
         run, state = start_run(config, workdir, interrupt)
         result = None
-        with metric_writers.ensure_flushes(run.writer):
+        with metric_writers.ensure_flushes(run.writer), interrupt.at_step_boundaries():
             for phase in run.plan:  # Algorithm 1: the phases in order.
+                changed = phase.spec.changes_segmenter  # A meta phase leaves the mIoU as it was.
+                evaluates = (config.eval_at_phase_end and changed) or phase is run.plan[-1]
                 if int(state.position) >= phase.end:
+                    # Its evaluation is part of a phase: one a kill interrupted is redone.
+                    redo = int(state.position) == phase.end and evaluates
+                    if redo and not os.path.exists(evaluate.result_path(workdir, phase.end)):
+                        result = run.evaluate(state)
                     continue
                 stop_if_interrupted(run, state, phase, int(state.position))
                 if int(state.position) == phase.start:
                     state = parallel.put_replicated(begin_phase(state, phase, config), run.mesh)
                 state = run_phase(state, phase, run)
                 run.save(state, phase)
-                changed = phase.spec.changes_segmenter  # A meta phase leaves the mIoU as it was.
-                if (config.eval_at_phase_end and changed) or phase is run.plan[-1]:
+                if evaluates:
                     result = run.evaluate(state)
             if result is None:  # Nothing left to train: evaluate what the checkpoint holds.
                 result = run.evaluate(state)

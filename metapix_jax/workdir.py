@@ -8,12 +8,14 @@ checkpoints would silently mix two runs.
 
 import json
 import os
+import sys
 from typing import Any
 
-import jax
 import ml_collections
 
 from metapix_jax.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG_FILE = "config.json"
 
@@ -119,25 +121,31 @@ def check_config_unchanged(config: ml_collections.ConfigDict, workdir: str) -> l
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes config.json (atomically: a crash never leaves half a file to compare with)."""
+    import jax  # Here, not above: main.py reads config.json (configs/saved.py) before JAX.
+
+    from metapix_jax import filesystem
+
     if jax.process_index() == 0:
         path = os.path.join(workdir, CONFIG_FILE)
-        with open(path + ".tmp", "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(path + ".tmp", path)
+        filesystem.write_atomically(path, config.to_json_best_effort(indent=2))
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """configs/default.py's config: every field, with its default value."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from configs import default
+
+    return default.get_config()
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
     """A run's config.json as a locked config: configs/default.py's fields, with the run's
     values (JSON lists back as tuples where the field holds a tuple). Fields the file lacks
     (added later) keep their defaults, which ADDED_FIELDS says the old code behaved as."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import default
-
     with open(path) as f:
         saved = flatten(json.load(f))
-    config = default.get_config()
+    config = default_config()
     for field, value in saved.items():
         *groups, name = field.split(".")
         target = config

@@ -8,6 +8,7 @@ a line that names every wrong field. Valid but unusual values must pass.
 import json
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 from cli import run_main
@@ -103,9 +104,12 @@ UNUSUAL = {
 
 
 def tiny_config(**fields):
-    config = test_config.get_config()
-    config.mode = "train"
-    config.unlock()  # Tests may set any type (e.g. None where a flag parser would refuse).
+    base = test_config.get_config()
+    base.mode = "train"
+    # Not type-safe: tests may set any type (e.g. None where a flag parser would refuse).
+    config = ml_collections.ConfigDict(
+        base.copy_and_resolve_references().to_dict(), type_safe=False
+    )
     for field, value in fields.items():
         parent, _, name = field.rpartition(".")
         (validation.lookup(config, parent) if parent else config)[name] = value
@@ -234,3 +238,212 @@ def test_main_reports_every_problem_as_a_line_without_a_traceback(tmp_path):
     assert "config.data.normalization='torch' must be one of ('imagenet', 'caffe')" in lines[1]
     assert "config.model.split_block=7 must be an integer in 0..5" in lines[2]
     assert not os.listdir(tmp_path)  # Nothing written.
+
+
+# ---- every field of configs/default.py, every kind of wrong value --------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def wrong_kind_values(default, rng: np.random.Generator) -> list:
+    """Values of the wrong kind for a field whose default is `default`, some drawn at random."""
+    huge = int(rng.integers(1, 2**62)) * 2**64  # Beyond int64, whatever the sign.
+    common = [None, [1], {"a": 1}]
+    if isinstance(default, bool):
+        return common + [1, "yes", float(rng.random())]
+    if isinstance(default, int):
+        return common + [float(rng.random()) + 0.5, "3", True, huge, -huge]
+    if isinstance(default, float):
+        return common + [NAN, INF, -INF, -NAN, "0.1", True]
+    if isinstance(default, str):
+        return common + [int(rng.integers(-9, 9)), float(rng.random()), True, b"bytes"]
+    if isinstance(default, tuple):
+        return common + ["metapix", (1, 2)]
+    raise AssertionError(f"a field of a kind this test does not know: {default!r}")
+
+
+def out_of_rule_values(field: str, default, rng: np.random.Generator) -> list:
+    """Random values of the field's kind that its rule (FIELD_RULES) refuses."""
+    rule = validation.FIELD_RULES.get(field)
+    if rule is None or isinstance(default, (bool, tuple)):
+        return []
+    if isinstance(default, int):
+        draws = [int(v) for v in rng.integers(-(2**40), 2**40, size=40)]
+        draws += [int(v) for v in rng.integers(-3, 3, size=10)] + [2**32, 2**63 - 1]
+    elif isinstance(default, float):
+        draws = [float(v) for v in rng.normal(0, 10, size=40)] + [-1e300, 1e300, 0.0, 1.0]
+    else:
+        letters = list("abcdefghijklmnopqrstuvwxyz_01")
+        draws = ["".join(rng.choice(letters, size=int(rng.integers(0, 9)))) for _ in range(20)]
+        draws += [default.upper(), default + " ", ""]
+    return [v for v in draws if rule(v)][:6]
+
+
+def assert_named_in_one_line(config, field: str, value) -> None:
+    with pytest.raises(ConfigError) as error:
+        check(config)
+    lines = str(error.value).splitlines()
+    named = [
+        line for line in lines if line.startswith(f"config.{field}=") or f"config.{field}" in line
+    ]
+    assert named, (field, value, lines)
+    assert "must" in named[0] or "too" in named[0], (field, value, named)
+
+
+def test_fuzz_every_field_of_the_default_config_refuses_each_kind_of_wrong_value(caplog):
+    """The field list comes from configs/default.py itself: a new field is covered at once."""
+    import jax
+
+    jax.config.update("jax_log_compiles", True)
+    rng = np.random.default_rng(16)
+    fields = validation.default_values()
+    assert len(fields) > 100  # The walk found the groups' fields, not only the top level.
+    cases = 0
+    try:
+        for field, default in fields.items():
+            for value in wrong_kind_values(default, rng) + out_of_rule_values(field, default, rng):
+                config = tiny_config(**{field: value})
+                if validation.shown(validation.lookup(config, field)) != repr(value):
+                    continue  # ConfigDict cast it (True -> 1.0 for a float): not a wrong value.
+                assert_named_in_one_line(config, field, value)
+                cases += 1
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert cases > 8 * len(fields)
+    assert "Compiling" not in caplog.text  # Validation compiled nothing.
+
+
+def test_a_wrong_value_alone_is_exactly_one_line():
+    for field, value in [
+        ("weighting.init_bias", NAN),
+        ("meta.inner_learning_rate", INF),
+        ("seed", 99999999999999999999),
+        ("process_id", 5),
+        ("data.height", 1),
+        ("model.remat", "yes"),
+        ("data.source_root", None),
+    ]:
+        config = tiny_config(
+            **{field: value, "num_processes": 2} if field == "process_id" else {field: value}
+        )
+        with pytest.raises(ConfigError) as error:
+            check(config)
+        assert len(str(error.value).splitlines()) == 1, str(error.value)
+        assert f"config.{field}" in str(error.value)
+
+
+def test_seeds_are_the_32_bits_that_jax_keys_keep():
+    check(tiny_config(seed=2**32 - 1))
+    with pytest.raises(
+        ConfigError, match=r"config.seed=4294967296 must be an integer in 0..4294967295"
+    ):
+        check(tiny_config(seed=2**32))
+
+
+def test_process_ids_name_one_of_the_processes():
+    check(tiny_config(num_processes=2, process_id=1))
+    check(tiny_config(num_processes=-1, process_id=3))  # The count comes from the environment.
+    with pytest.raises(
+        ConfigError, match=r"config.process_id=2 must be below config.num_processes=2"
+    ):
+        check(tiny_config(num_processes=2, process_id=2))
+    with pytest.raises(ConfigError, match=r"config.num_processes=0 must be an integer >= 1, or -1"):
+        check(tiny_config(num_processes=0))
+
+
+def test_a_schedule_longer_than_an_int32_position_is_refused():
+    with pytest.raises(ConfigError, match=r"at most 2147483647 \(the position is an int32\)"):
+        check(tiny_config(**{"schedule.joint_steps": 2**31}))
+
+
+# ---- the shapes the networks can take: validation's rules against the models themselves -----
+
+
+def fcn_builds(height: int, width: int, kernel: int) -> bool:
+    """Whether FCN-8s with a VALID k x k fc6 traces on a height x width image (shapes only)."""
+    import jax
+    import jax.numpy as jnp
+
+    from metapix_jax.models.fcn8s import FCN8s
+
+    model = FCN8s(width=1 / 32, fc_dim=32, fc6_kernel=kernel, fc6_padding="VALID", dropout=0.0)
+    x = jnp.zeros((1, height, width, 3))
+    try:
+        jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, x))
+    except IndexError:  # models/resize.py on the empty map fc6 leaves.
+        return False
+    return True
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 3, 7])
+def test_fc6_valid_needs_pool5_at_least_its_kernel(kernel):
+    """The boundary side 32 (k - 1) + 1 builds and passes; one pixel less fails both."""
+    fits = 32 * (kernel - 1) + 1
+    fields = {"model.fc6_padding": "VALID", "model.fc6_kernel": kernel}
+    for height, width in [(fits, fits + 40), (fits + 40, fits)]:
+        assert fcn_builds(height, width, kernel)
+        check(tiny_config(**fields, **{"data.height": height, "data.width": width}))
+    if kernel > 1:
+        for height, width in [(fits - 1, fits + 40), (fits + 40, fits - 1)]:
+            assert not fcn_builds(height, width, kernel)
+            config = tiny_config(**fields, **{"data.height": height, "data.width": width})
+            with pytest.raises(ConfigError, match="too small for config.model.fc6_kernel"):
+                check(config)
+
+
+def deepest_level_learns(height: int, width: int, depth: int) -> bool:
+    """Whether the U-Net's deepest level gets any gradient on a height x width image."""
+    import jax
+    import jax.numpy as jnp
+
+    from metapix_jax.models.unet import WeightingUNet
+
+    unet = WeightingUNet(base_channels=2, depth=depth)
+    image = jax.random.normal(jax.random.PRNGKey(1), (1, height, width, 3))
+    label = jnp.zeros((1, height, width), jnp.int32)
+    params = jax.jit(lambda: unet.init(jax.random.PRNGKey(0), image, label))()
+    ramp = jnp.arange(height * width, dtype=jnp.float32).reshape(1, height, width)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(unet.apply(p, image, label) * ramp)))(params)
+    return any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads["params"][f"down{depth}"]))
+
+
+@pytest.mark.parametrize("height,width,depth", [(4, 5, 2), (1, 3, 1), (8, 9, 3)])
+def test_unet_depth_needs_two_pixels_at_its_deepest_level(height, width, depth):
+    """At the boundary the deepest level learns; one pixel less and it is a constant 0."""
+    fields = {"weighting.depth": depth, "model.fc6_padding": "SAME"}
+    assert deepest_level_learns(height, width, depth)
+    check(tiny_config(**fields, **{"data.height": height, "data.width": width}))
+    smaller = (height, width - 1)
+    assert not deepest_level_learns(*smaller, depth)
+    with pytest.raises(ConfigError, match="is too deep for config.data.height"):
+        check(tiny_config(**fields, **{"data.height": smaller[0], "data.width": smaller[1]}))
+
+
+# ---- the same through main.py: one line, status 1, nothing compiled -------------------------
+
+
+def test_main_refuses_bad_values_in_one_line_before_compiling(tmp_path):
+    text = tmp_path / "not_weights.pth"
+    text.write_text("these are not weights\n")
+    cases = [
+        (["--config.seed=99999999999999999999"], "config.seed=99999999999999999999 must be"),
+        (["--config.weighting.init_bias=nan"], "config.weighting.init_bias=nan must be a finite"),
+        (["--config.data.height=1", "--config.model.fc6_padding=VALID"], "too small for"),
+        (["--config.num_processes=2", "--config.process_id=2"], "config.process_id=2 must be"),
+        ([f"--config.init.vgg16={text}", "--config.model.width=1.0"], "is not a weight file"),
+        (["--config.weighting.depth=9"], "config.weighting.depth=9 is too deep"),
+    ]
+    for args, expected in cases:
+        proc = run_main(
+            "--config=configs/test.py",
+            f"--workdir={tmp_path / 'run'}",
+            "--config.mode=train",
+            *args,
+            env={"JAX_LOG_COMPILES": "1"},
+        )
+        assert proc.returncode == 1, (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and "Compiling" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ConfigError: "), lines
+        assert expected in lines[0], (expected, lines)
+    assert not os.path.exists(tmp_path / "run")  # Nothing written.

@@ -15,6 +15,7 @@ formats are read: the zip archive (torch >= 1.6) and the legacy stream that olde
 
 import importlib.util
 import io
+import json
 import os
 import pickle
 import struct
@@ -189,6 +190,44 @@ def file_kind(path: str) -> str:
         f"{path!r} is not a weight file this loader reads: expected a torch .pth (zip or "
         f"legacy pickle) or a .safetensors file; it starts with {head!r}"
     )
+
+
+def check_file(path: str) -> None:
+    """Raises WeightFileError unless `path` looks like a weight file this loader reads.
+
+    Cheap (the first bytes and the archive's directory or the safetensors header, never the
+    tensors), so that config validation refuses a wrong file in a second instead of the
+    import failing after the first compilations.
+    """
+    kind = file_kind(path)
+    if kind == "torch_zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise WeightFileError(f"{path!r} is not a readable zip (torch) file: {e}") from e
+        if not any(n.endswith("data.pkl") for n in names):
+            raise WeightFileError(f"{path!r} is a zip file but holds no data.pkl: not a torch file")
+    elif kind == "torch_legacy":
+        try:
+            with open(path, "rb") as f:
+                magic = _RestrictedUnpickler(f, path, None).load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise WeightFileError(f"{path!r} is not a readable torch file: {e}") from e
+        if magic != _LEGACY_MAGIC:
+            raise WeightFileError(f"{path!r} is a pickle but not a torch file (no torch magic)")
+    else:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = f.read(min(length, 100_000_000))
+        try:
+            names = json.loads(header)
+        except ValueError as e:
+            raise WeightFileError(f"{path!r} has no readable safetensors header: {e}") from e
+        if not isinstance(names, dict) or "features.0.weight" not in names:
+            raise WeightFileError(
+                f"{path!r} is a safetensors file without VGG-16's features.0.weight"
+            )
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
