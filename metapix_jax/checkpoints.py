@@ -24,6 +24,7 @@ import logging as pylogging
 import os
 import re
 import shutil
+import sys
 import zlib
 from collections.abc import Sequence
 
@@ -108,6 +109,19 @@ class _OrbaxThreadErrors(pylogging.Filter):
 _QUIET = _OrbaxThreadErrors()
 
 
+def _closed_loop_ignored(hook):
+    """sys.unraisablehook without "Event loop is closed": after a failed write (a full
+    disk), TensorStore's callbacks still post to Orbax's closed event loop, dozens of
+    tracebacks ahead of the one line that main.py prints for the save's own error."""
+
+    def unraisablehook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            hook(unraisable)
+
+    return unraisablehook
+
+
 def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
     """Saves the state under its own position (atomically: a crash keeps the old ones),
     with the checksums of its arrays."""
@@ -119,12 +133,14 @@ def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
     loggers = [pylogging.getLogger(name) for name in ("absl", "asyncio")]
     for logger in loggers:
         logger.addFilter(_QUIET)
+    hook, sys.unraisablehook = sys.unraisablehook, _closed_loop_ignored(sys.unraisablehook)
     manager.save(position, args=ocp.args.StandardSave(state), force=True, custom_metadata=metadata)
     manager.wait_until_finished()
     # Only after a save that worked: after a failed one its writer tasks are collected
     # later (at exit), and their duplicate reports stay quiet.
     for logger in loggers:
         logger.removeFilter(_QUIET)
+    sys.unraisablehook = hook
 
 
 class NoCheckpointError(FileNotFoundError):

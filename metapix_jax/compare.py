@@ -166,6 +166,7 @@ def reuse_pretraining(
         unet_params, unet_opt_state = jax.device_get(state_lib.fresh_weighting(config, 0))
         state = state.replace(unet_params=unet_params, unet_opt_state=unet_opt_state)
         checkpoints.save(dest_manager, parallel.put_replicated(state, mesh))
+        copy_evaluation(source_dir, dest_dir, position)
     finally:
         source_manager.close()
         dest_manager.close()
@@ -175,6 +176,16 @@ def reuse_pretraining(
         "starting from that checkpoint",
     )
     return True
+
+
+def copy_evaluation(source_dir: str, dest_dir: str, position: int) -> None:
+    """Copies the source run's evaluation at `position` (the same segmenter), so that the
+    run does not redo it as an evaluation a kill interrupted (train.py)."""
+    source = evaluate.result_path(source_dir, position)
+    if os.path.exists(source) and jax.process_index() == 0:
+        dest = evaluate.result_path(dest_dir, position)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(source, dest)
 
 
 def method_config(config: ml_collections.ConfigDict, name: str, workdir: str):

@@ -75,7 +75,8 @@ def describe(error: BaseException, workdir: str) -> str:
     path = _path_of(error, workdir)
     where = "the workdir " + path if os.path.abspath(path) == os.path.abspath(workdir) else path
     if number in NO_SPACE:
-        folder = path if os.path.isdir(path) else os.path.dirname(path) or workdir
+        same = os.path.abspath(path) == os.path.abspath(workdir)
+        folder = path if same or os.path.isdir(path) else os.path.dirname(path) or workdir
         what = "no space left" if number == errno.ENOSPC else "disk quota exceeded"
         return f"{what} on {folder}; free space and run the same command to resume"
     if number == errno.EROFS:

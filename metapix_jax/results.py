@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from metapix_jax import methods
+from metapix_jax import methods, schedule
 from metapix_jax.data import synthetic
 from metapix_jax.errors import ConfigError
-from metapix_jax.workdir import ADDED_FIELDS, flatten
+from metapix_jax.workdir import ADDED_FIELDS, flatten, load_config
 
 # Fields that differ between runs without changing what is trained.
 IGNORED_FIELDS = (
@@ -63,10 +63,26 @@ WEIGHTS_FILE = "weights.json"  # Written by compare mode (compare.save_separatio
 Benchmark = tuple[tuple[str, Any], ...]  # (field, value) of the benchmark fields that differ.
 
 
-def find_runs(root: str) -> list[dict]:
-    """Every run under `root`: {'dir', 'eval', 'config', 'weights'} (config flattened;
-    weights None without weights.json). A field the config lacks because it was added
-    after the run gets the value the code before it behaved as (workdir.ADDED_FIELDS)."""
+def total_positions(config_path: str) -> int | None:
+    """The length of a run's schedule, from its config.json (None if it cannot be read)."""
+    try:
+        return schedule.total_positions(load_config(config_path))
+    except Exception:  # noqa: BLE001 - an old or hand-made config: no check.
+        return None
+
+
+def finished(run: dict) -> bool:
+    """Whether the run's last evaluation is at the end of its schedule (a run in progress
+    or stopped has evaluated only its earlier phases). Unknown counts as finished."""
+    position = run["eval"].get("position")
+    return position is None or run["total"] is None or position >= run["total"]
+
+
+def find_runs(root: str, with_unfinished: bool = False) -> list[dict]:
+    """Every finished run under `root` (`with_unfinished`: every run):
+    {'dir', 'eval', 'config', 'weights', 'total'} (config flattened; weights None without
+    weights.json). A field the config lacks because it was added after the run gets the
+    value the code before it behaved as (workdir.ADDED_FIELDS)."""
     if not os.path.isdir(root):
         raise ConfigError(f"config.mode='results': --workdir {root!r} is not a directory")
     runs = []
@@ -87,8 +103,11 @@ def find_runs(root: str) -> list[dict]:
             with open(weights_path) as f:
                 weights = json.load(f)
         config = {**ADDED_FIELDS, **config}
-        runs.append({"dir": run_dir, "eval": evaluation, "config": config, "weights": weights})
-    if not runs:
+        run = {"dir": run_dir, "eval": evaluation, "config": config, "weights": weights}
+        run["total"] = total_positions(config_path)
+        if finished(run) or with_unfinished:
+            runs.append(run)
+    if not runs and not with_unfinished:
         raise ConfigError(
             f"config.mode='results': no finished run under {root!r} (no eval/latest.json): "
             "train first, or point --workdir at the folder that holds the runs"
@@ -170,9 +189,25 @@ def benchmark_order(benchmark: Benchmark) -> tuple:
     return tuple(key)
 
 
+# The benchmark fields that only one kind of harm reads: shown only beside that kind.
+KIND_FIELDS = {
+    "confusion": ("harm_rate", "confusions"),
+    "spatial": ("spatial_rate", "spatial_px"),
+    "noise": ("noise_rate",),
+    "appearance": ("appearance", "appearance_rate"),
+}
+
+
 def benchmark_label(benchmark: Benchmark) -> str:
-    """'harm=spatial, spatial_px=3' ('-' when every run has the same benchmark)."""
-    text = ", ".join(f"{f.removeprefix(BENCHMARK_PREFIX)}={v}" for f, v in benchmark)
+    """'harm=spatial, spatial_px=3' ('-' when every run has the same benchmark); a field
+    that the benchmark's kind of harm does not read is left out."""
+    fields = dict(benchmark)
+    kind = fields.get(BENCHMARK_PREFIX + "harm")
+    unread = {n for k, names in KIND_FIELDS.items() if k != kind for n in names}
+    if kind is not None:
+        unread -= set(KIND_FIELDS.get(kind, ()))
+    shown = [(f.removeprefix(BENCHMARK_PREFIX), v) for f, v in benchmark]
+    text = ", ".join(f"{f}={v}" for f, v in shown if kind is None or f not in unread)
     return text or "-"
 
 
@@ -352,6 +387,12 @@ def print_results(root: str) -> str:
     text = "\n".join(
         [summary_table(root), "", "Per-class IoU (%, mean over seeds):", "", results_table(root)]
     )
+    left_out = [r for r in find_runs(root, with_unfinished=True) if not finished(r)]
+    if left_out:
+        text += "\n\nLeft out, not finished (their last evaluation is not the schedule's end):\n"
+        text += "\n".join(
+            f"- {r['dir']}: position {r['eval']['position']} of {r['total']}" for r in left_out
+        )
     print(text, flush=True)
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write(text + "\n")

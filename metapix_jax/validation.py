@@ -280,7 +280,7 @@ def process_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
 
 def _pooled(size: int, times: int) -> int:
     """A side after `times` 2x2/2 max-pools with ceil mode (models/fcn8s.max_pool_ceil)."""
-    for _ in range(times):
+    for _ in range(min(times, 64)):  # 64 halvings take any int64 side to 1.
         size = -(-size // 2)
     return size
 
@@ -297,6 +297,8 @@ def network_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     """
     d, m, w = config.data, config.model, config.weighting
     height, width = d.height, d.width
+    if not all(_integer(side) and 1 <= side <= MAX_SIDE for side in (height, width)):
+        return  # Their own rule reports them.
     if m.fc6_padding == "VALID" and _integer(m.fc6_kernel):
         pool5 = (_pooled(height, len(VGG16_BLOCKS)), _pooled(width, len(VGG16_BLOCKS)))
         if min(pool5) < m.fc6_kernel:
@@ -472,7 +474,8 @@ def count_devices(config: ml_collections.ConfigDict, problems: list[str]) -> tup
 
     Only here is the backend started; with a bad `distributed` field nothing is joined.
     """
-    if any(p.startswith(("config.distributed", "config.num_processes")) for p in problems):
+    joining = ("config.distributed", "config.num_processes", "config.process_id")
+    if any(p.startswith(joining) for p in problems):
         return 1, 1
     import jax
 

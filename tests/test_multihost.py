@@ -187,7 +187,7 @@ def interrupted(root, reference):
 def test_a_whole_run_on_two_processes(reference, root):
     reference.succeeded()
     # Progress lines come from process 0 alone.
-    assert "[metapix] weighted_gen2 2/2 (11/11)" in reference.out(0)
+    assert "[metapix] weighted_gen2 2/2 @11" in reference.out(0)
     assert "[metapix]" not in reference.out(1), reference.out(1)[-2000:]
     # An evaluation at the end of every phase that changes the segmenter.
     evals = sorted(os.path.basename(p) for p in glob.glob(str(root / "reference/eval/eval_*")))

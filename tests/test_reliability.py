@@ -280,15 +280,17 @@ def test_a_signal_outside_the_steps_stops_at_once_with_the_line_and_status(tmp_p
 
 
 def toy_state(position: int) -> state_lib.TrainState:
+    """A small state; its 'w' is random bits, which Orbax's zstd stores verbatim (it cannot
+    compress them), so that a test can find and flip a bit of exactly that array."""
     rng = np.random.default_rng(position)
     return state_lib.TrainState(
-        params={"w": rng.standard_normal((64, 64)).astype(np.float32)},
+        params={"w": rng.integers(0, 2**32, (64, 64), dtype=np.uint32)},
         opt_state={"m": np.zeros(8, np.float32)},
         unet_params={"u": rng.standard_normal(16).astype(np.float32)},
         unet_opt_state={"v": np.zeros(4, np.float32)},
         rng=np.zeros(2, np.uint32),
-        step=np.int32(position),
-        position=np.int32(position),
+        step=np.asarray(position, np.int32),  # 0-d arrays: Orbax restores no numpy scalar.
+        position=np.asarray(position, np.int32),
     )
 
 
@@ -321,7 +323,7 @@ def test_a_flipped_bit_is_found_and_the_previous_checkpoint_used(tmp_path, capsy
         flip_a_bit_of(workdir, 2, toy_state(2).params["w"])
     template = toy_state(0)
     manager = checkpoints.make_manager(readers)
-    with pytest.raises(checkpoints.ChecksumMismatchError, match=r"\['params'\]\['w'\] does not"):
+    with pytest.raises(checkpoints.ChecksumMismatchError, match=r"\.params\['w'\] does not"):
         checkpoints.restore(manager, template, 2)  # Orbax itself reads it back without error.
     state = checkpoints.restore_latest_readable(manager, template, move_unreadable=False)
     manager.close()
@@ -330,7 +332,7 @@ def test_a_flipped_bit_is_found_and_the_previous_checkpoint_used(tmp_path, capsy
     out = capsys.readouterr().out
     assert (
         f"warning: checkpoint 2 in {checkpoints.checkpoint_dir(readers)} is unreadable "
-        "(ChecksumMismatchError: ['params']['w'] does not match the checksum written with it"
+        "(ChecksumMismatchError: .params['w'] does not match the checksum written with it"
     ) in out
     assert "skipped and left in place" in out
     assert checkpoints.finished_positions(readers) == [1, 2]  # A reader moves nothing.
@@ -575,9 +577,9 @@ def test_a_disk_that_fills_during_a_save_is_one_line_and_resumes(story, tmp_path
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stderr.strip() == (
         f"OSError: no space left on {workdir}; free space and run the same command to resume"
-    )
+    ), proc.stderr
     last = checkpoints.finished_positions(workdir)[-1]
-    assert last == 2
+    assert 1 <= last < TOTAL  # Where it fills depends on the other files (events, config).
     # The last good checkpoint reads back, checksums verified.
     config = test_config.get_config()
     config.method, config.schedule.generations = "direct_joint", 1

@@ -118,3 +118,29 @@ def test_results_mode_writes_summary_then_per_class_table(tmp_path):
     assert per_class == results.results_table(root)
     # In the per-class table the benchmark is part of the setting.
     assert "| metapix | data.synthetic_harm=none | 1 | 10 | 39.00 (-) | 39.0 |" in per_class
+
+
+def test_a_benchmark_label_shows_only_the_fields_its_kind_of_harm_reads():
+    p = results.BENCHMARK_PREFIX
+    spatial = ((p + "harm", "spatial"), (p + "spatial_px", 4), (p + "noise_rate", 0.12))
+    noise = ((p + "harm", "noise"), (p + "spatial_px", 2), (p + "noise_rate", 0.2))
+    assert results.benchmark_label(spatial) == "harm=spatial, spatial_px=4"
+    assert results.benchmark_label(noise) == "harm=noise, noise_rate=0.2"
+    assert results.benchmark_label(((p + "gap", 0.5),)) == "gap=0.5"
+    assert results.benchmark_label(()) == "-"
+
+
+def test_a_run_that_has_not_finished_its_schedule_is_left_out_and_listed(tmp_path, capsys):
+    root = str(tmp_path)
+    write_run(root, "a/direct_joint", "direct_joint", 0, 0.30)
+    write_run(root, "a/metapix", "metapix", 0, 0.31)
+    with open(os.path.join(root, "a/metapix/eval/latest.json")) as f:
+        evaluation = json.load(f)
+    evaluation["position"] = 10  # configs/default.py's schedule is far longer.
+    with open(os.path.join(root, "a/metapix/eval/latest.json"), "w") as f:
+        json.dump(evaluation, f)
+    text = results.print_results(root)
+    assert "| metapix |" not in text.split("Left out")[0]
+    total = results.total_positions(os.path.join(root, "a/metapix/config.json"))
+    assert total > 10
+    assert f"- {root}/a/metapix: position 10 of {total}" in text
