@@ -297,7 +297,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> None:
         raise
 
 
-
 def dispatch(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs config.mode (already validated)."""
     from metapix_jax import compare, evaluate, predict, results, train
