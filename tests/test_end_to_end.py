@@ -1,6 +1,7 @@
 """main.py end to end on the tiny config: all three methods, checkpoints, then eval mode."""
 
 import glob
+import io
 import json
 import os
 
@@ -124,20 +125,30 @@ def test_eval_mode_reads_the_checkpoints_with_the_runs_own_config(compare_run):
     assert os.path.exists(os.path.join(method_dir, "eval", "eval_00000003.json"))
 
 
+def plugin_of(events, tag: str) -> str:
+    return events.SummaryMetadata(tag).plugin_data.plugin_name
+
+
 def test_tensorboard_shows_the_weight_maps_and_compare_draws_them(compare_run):
     """The composite images (source | label | weights | harmful mask) are in the event files;
     WORKDIR/weights.png holds MetaPix's final maps in the same layout."""
+    from PIL import Image
     from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
 
     workdir, _ = compare_run
-    events = event_accumulator.EventAccumulator(f"{workdir}/metapix", size_guidance={"images": 0})
+    events = event_accumulator.EventAccumulator(
+        f"{workdir}/metapix", size_guidance={event_accumulator.TENSORS: 0}
+    )
     events.Reload()
-    tags = events.Tags()["images"]
-    assert {"source/image_label_weights_harmful", "target/image_label_prediction"} <= set(tags)
-    shown = events.Images("source/image_label_weights_harmful")[-1]
+    # Images are summaries of the image plugin, stored as tensors [width, height, PNG, ...].
+    images = {t for t in events.Tags()["tensors"] if plugin_of(events, t) == "images"}
+    assert {"source/image_label_weights_harmful", "target/image_label_prediction"} <= images
+    last = events.Tensors("source/image_label_weights_harmful")[-1]
+    width, height, png, *_ = tensor_util.make_ndarray(last.tensor_proto)
+    shown = Image.open(io.BytesIO(png))
+    assert (shown.width, shown.height) == (int(width), int(height))
     assert shown.width > 4 * 32 and shown.height >= 2 * 16  # Four panels, two examples, enlarged.
-    from PIL import Image
-
     with Image.open(f"{workdir}/weights.png") as figure:
         assert figure.width == shown.width and figure.height > shown.height  # Four examples.
     assert os.path.exists(f"{workdir}/metapix/weights.png")

@@ -91,7 +91,14 @@ def test_auto_initialises_from_the_environment(no_launcher, monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
     monkeypatch.setenv("JAX_PROCESS_ID", "3")
     assert parallel.initialize_distributed(test_config.get_config())
-    assert no_launcher == [{"coordinator_address": None, "num_processes": 4, "process_id": 3}]
+    assert no_launcher == [
+        {
+            "coordinator_address": None,
+            "num_processes": 4,
+            "process_id": 3,
+            "heartbeat_timeout_seconds": 60,
+        }
+    ]
 
 
 def test_config_fields_override_the_environment(no_launcher, monkeypatch):
@@ -99,7 +106,14 @@ def test_config_fields_override_the_environment(no_launcher, monkeypatch):
     config = test_config.get_config()
     config.coordinator_address, config.num_processes, config.process_id = "h:9", 2, 1
     assert parallel.initialize_distributed(config)
-    assert no_launcher == [{"coordinator_address": "h:9", "num_processes": 2, "process_id": 1}]
+    assert no_launcher == [
+        {
+            "coordinator_address": "h:9",
+            "num_processes": 2,
+            "process_id": 1,
+            "heartbeat_timeout_seconds": 60,
+        }
+    ]
 
 
 def test_a_single_slurm_task_is_not_multi_process(no_launcher, monkeypatch):
