@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 import zlib
 from collections.abc import Sequence
 
@@ -107,6 +108,12 @@ class _OrbaxThreadErrors(pylogging.Filter):
 
 
 _QUIET = _OrbaxThreadErrors()
+
+# After a failed save (a full disk), Orbax's pending writer coroutines are collected at exit
+# unawaited, and Python warns of each after main.py's one line; the save's error says it all.
+warnings.filterwarnings(
+    "ignore", message="coroutine 'async_serialize_from_host", category=RuntimeWarning
+)
 
 
 def _closed_loop_ignored(hook):
