@@ -416,22 +416,11 @@ def summarise_run(config, workdir: str, output: str) -> dict:
 def write_benchmark(mode: Mode, config, workdir: str, log: Log) -> float:
     """Renders the embedded benchmark into WORKDIR/benchmark in parallel; main.py then finds
     it (same parameters) instead of rendering it in one process. Returns the seconds taken."""
-    from metapix_jax.data import synthetic
+    from metapix_jax.data import datasets
 
     d = config.data
     start = time.perf_counter()
-    synthetic.write_benchmark(
-        os.path.join(workdir, "benchmark"),
-        seed=d.synthetic_seed,
-        height=d.height,
-        width=d.width,
-        num_source=d.synthetic_num_source,
-        num_target_train=d.synthetic_num_target_train,
-        num_target_val=d.synthetic_num_target_val,
-        gap=d.synthetic_gap,
-        **synthetic.harm_kwargs(d),
-        workers=mode.benchmark_workers,
-    )
+    datasets.write_synthetic(config, workdir, workers=mode.benchmark_workers)
     seconds = time.perf_counter() - start
     log.say(f"benchmark rendered at {d.width}x{d.height} in {seconds:.1f} s")
     return seconds

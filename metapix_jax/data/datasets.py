@@ -28,8 +28,12 @@ def benchmark_root(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.data.synthetic_root or os.path.join(workdir, "benchmark")
 
 
-def write_synthetic(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Writes the embedded benchmark (once per parameter set); returns its root."""
+def write_synthetic(
+    config: ml_collections.ConfigDict, workdir: str, workers: int | None = None
+) -> str:
+    """Writes the embedded benchmark (once per parameter set); returns its root.
+
+    `workers`: rendering processes (default: up to 4 for 500 images or more, else 1)."""
     d = config.data
     root = benchmark_root(config, workdir)
     if jax.process_index() == 0:
@@ -44,7 +48,7 @@ def write_synthetic(config: ml_collections.ConfigDict, workdir: str) -> str:
             num_target_val=d.synthetic_num_target_val,
             gap=d.synthetic_gap,
             **synthetic.harm_kwargs(d),
-            workers=min(4, os.cpu_count() or 1) if total >= 500 else 1,
+            workers=workers or (min(4, os.cpu_count() or 1) if total >= 500 else 1),
             progress=console.Bar("data", f"writing the benchmark into {root}", total),
         )
     if jax.process_count() > 1:  # The other processes read what process 0 wrote.
