@@ -571,7 +571,10 @@ def test_a_disk_that_fills_during_a_save_is_one_line_and_resumes(story, tmp_path
     size = checkpoint_bytes(story["workdir"], TOTAL)
     disk = str(tmp_path / "disk")
     if not mounts(disk, int(2.4 * size)):
-        pytest.skip("this process may not mount a tmpfs (the message is tested in-process)")
+        pytest.skip(
+            "this process may not mount a tmpfs; the full-disk message is covered in-process by "
+            "test_describe_names_the_path_... and test_cli_turns_errors_of_the_file_system_..."
+        )
     workdir = os.path.join(disk, "run")
     proc = train(workdir, story["data"], None, "--config.eval_at_phase_end=False")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
